@@ -1,0 +1,450 @@
+"""What the five model files share that is not architecture.
+
+- tokenization: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library), UTF-8-safe streaming
+- weights: `checkpoint_dir` (Hub download of only the needed files, or a local directory), `read_json`,
+  `check_model_type`, `load_weights` (safetensors shards, per-model `rename`, strict, meta device + assign)
+- generation: `sample` (greedy, temperature, top-k, top-p, repetition penalty) and `generate_loop`
+  (per-row EOS, finished rows padded, streamer callback)
+- media: `load_image` (path, URL, data URI, PIL, numpy) and `load_video` (PyAV, uniform by count or fps)
+- `pick_device`, `pick_dtype`
+Layers never live here: every model file defines its own, so it can be read alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`None` picks cuda, then mps, then cpu."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None` picks bfloat16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}: use one of float32, bfloat16, float16")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+    if dtype == torch.float16:
+        print("warning: float16 overflows in these models' activations (NaN logits); prefer bfloat16")
+    return dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """`tokenizer.json` through the `tokenizers` library. Nothing is added implicitly: the prompt formats in
+    the model files write their special tokens (BOS, <|im_start|>, ...) themselves."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the checkpoint directory must contain tokenizer.json")
+        self.tok = _Tokenizer.from_file(str(path))
+        self.vocab = self.tok.get_vocab(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        if token not in self.vocab:
+            raise ValueError(f"token {token!r} is not in this tokenizer.json: is it the right checkpoint?")
+        return self.vocab[token]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def stream(self, skip_special_tokens: bool = True) -> Callable[[int], str]:
+        """Returns `push(token_id) -> text`, which holds back bytes until they form whole UTF-8 characters."""
+        from tokenizers.decoders import DecodeStream
+
+        state = DecodeStream(skip_special_tokens=skip_special_tokens)
+        return lambda token_id: state.step(self.tok, int(token_id)) or ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and weights
+
+# Only these files are downloaded; never the `original/` folders some repos also ship.
+CHECKPOINT_FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+                    "chat_template.jinja"]  # fmt: skip
+
+# Which file of this repository runs which `model_type`, for the "wrong file" error.
+MODEL_FILES = {"qwen2_vl": "qwen2_vl.py", "paligemma": "paligemma.py", "llava_onevision": "llava_onevision.py",
+               "video_llava": "video_llava.py", "perception_lm": "perception_lm.py"}  # fmt: skip
+
+
+def checkpoint_dir(name_or_path: str | Path) -> Path:
+    """A local directory in the Hub layout, or a Hub repo id downloaded (only the needed files) to the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such checkpoint directory (nor a Hub repo id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES, ignore_patterns=["*/*"]))
+    except GatedRepoError as e:
+        raise ValueError(f"{name} is gated: accept its licence on the Hub, then set HF_TOKEN=<your token>") from e
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"{name} is not a Hub repository (or it is private: set HF_TOKEN)") from e
+    except Exception as e:  # offline, DNS, proxy, timeout: all end the same way for the user
+        raise ValueError(
+            f"could not download {name} ({type(e).__name__}). Without internet, copy the checkpoint to a "
+            f"directory and pass it with --model DIR (load('DIR') in Python)."
+        ) from e
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_model_type(config: dict, expected: str, this_file: str) -> None:
+    got = config.get("model_type")
+    if got == expected:
+        return
+    hint = f"; use {MODEL_FILES[got]} for it" if got in MODEL_FILES else ""
+    raise ValueError(f"this checkpoint is model_type={got!r}, but {this_file} runs {expected!r}{hint}")
+
+
+def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
+    """Tensor name -> file, for one `model.safetensors` or shards listed in `model.safetensors.index.json`."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: ckpt / f for k, f in read_json(index)["weight_map"].items()}
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {ckpt} (weights are only loaded from safetensors)")
+    from safetensors import safe_open
+
+    names = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            names.update({k: f for k in sf.keys()})
+    return names
+
+
+def load_weights(
+    model: torch.nn.Module,
+    ckpt: Path,
+    rename: Callable[[str], str | None],
+    device: torch.device,
+    dtype: torch.dtype,
+    tied: dict[str, str] | None = None,
+) -> None:
+    """Fill a model built on the meta device: read every tensor (mmap), `rename` it (None drops it), check the
+    names and shapes strictly, cast floating tensors to `dtype` once, and `load_state_dict(assign=True)`.
+    `tied` maps a parameter to the one it shares storage with (e.g. lm_head -> embed_tokens)."""
+    from safetensors import safe_open
+
+    tied = tied or {}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    by_file: dict[Path, list[str]] = {}
+    for name, f in read_safetensors_names(ckpt).items():
+        by_file.setdefault(f, []).append(name)
+    state, unexpected = {}, []
+    for f, names in by_file.items():
+        with safe_open(f, "pt", device="cpu") as sf:
+            for name in names:
+                new = rename(name)
+                if new is None:
+                    continue
+                if new not in expected:
+                    unexpected.append(name if new == name else f"{name} (as {new})")
+                    continue
+                t = sf.get_tensor(name)
+                state[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    for dst, src in tied.items():
+        if dst not in state and src in state:
+            state[dst] = state[src]
+    missing = sorted(set(expected) - set(state))
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
+           for k, v in state.items() if k in expected and v.shape != expected[k]]  # fmt: skip
+    if missing or unexpected or bad:
+        lines = [f"weights in {ckpt} do not fit the model built from its config.json:"]
+        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", bad)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True, assign=True)
+    for dst, src in tied.items():  # share one Parameter, so fine-tuning keeps them tied
+        *parent, leaf = dst.split(".")
+        model.get_submodule(".".join(parent)).register_parameter(leaf, model.get_parameter(src))
+
+
+def read_eos_ids(ckpt: Path, config: dict) -> list[int]:
+    """EOS ids from generation_config.json when present, else from config.json (flat or text_config)."""
+    gen = read_json(ckpt / "generation_config.json") if (ckpt / "generation_config.json").is_file() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def read_chat_template(ckpt: Path) -> str | None:
+    """The checkpoint's Jinja chat template, from any of the three places repos keep it."""
+    if (ckpt / "chat_template.jinja").is_file():
+        return (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (ckpt / name).is_file() and "chat_template" in (d := read_json(ckpt / name)):
+            return d["chat_template"]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and the generation loop
+
+
+def sample(
+    logits: torch.Tensor,  # (B, V) float
+    seen: torch.Tensor | None = None,  # (B, V) bool: tokens already in the row, for the repetition penalty
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B,) long
+    """Repetition penalty, then temperature, top-k and top-p, in that order. Greedy when temperature == 0."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        # NOTE: a seen token's logit is divided by the penalty when positive, multiplied when negative.
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        drop[:, 0] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+def generate_loop(
+    first_logits: torch.Tensor,  # (B, V): the prefill's logits at each row's last prompt token
+    step: Callable[[torch.Tensor, int], torch.Tensor],  # (tokens (B, 1), i) -> logits (B, V) for decode step i
+    prompt_ids: torch.Tensor,  # (B, T) long, for the repetition penalty
+    prompt_mask: torch.Tensor,  # (B, T) 1 for real tokens, 0 for padding
+    settings: GenerationSettings,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    streamer: Callable[[str], None] | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> torch.Tensor:  # (B, N) new tokens only; rows that finished early are padded with pad_token_id
+    """The decode loop shared by every model: sample, record, stop rows at EOS, feed the token back.
+    The only host-device syncs are the streamer's (it needs the token) and an all-finished check every 8 steps."""
+    B, V = first_logits.shape
+    device, s = first_logits.device, settings
+    if streamer is not None and (B != 1 or tokenizer is None):
+        raise ValueError("streaming needs a single prompt (batch of 1)")
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+    seen = None
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        seen.scatter_(1, prompt_ids.to(device).clamp(0, V - 1), prompt_mask.to(device).bool())
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    out = torch.full((B, s.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    push = tokenizer.stream() if streamer is not None else None
+    logits, n = first_logits, 0
+    for i in range(s.max_new_tokens):
+        token = sample(logits, seen, s.temperature, s.top_k, s.top_p, s.repetition_penalty, generator)
+        token = torch.where(finished, pad_token_id, token)  # (B,)
+        out[:, i] = token
+        n = i + 1
+        finished |= torch.isin(token, eos)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        if push is not None:
+            t = int(token[0])
+            if t not in eos_token_ids:
+                streamer(push(t))
+            if bool(finished[0]):
+                break
+        elif i % 8 == 7 and bool(finished.all()):
+            break
+        if i + 1 < s.max_new_tokens:
+            logits = step(token[:, None], i)
+    out = out[:, :n]
+    # Trim the columns produced after every row had already finished (the all-finished check is lazy).
+    done_at = torch.where(torch.isin(out, eos), torch.arange(n, device=device), n).min(dim=1).values
+    return out[:, : int(done_at.max()) + 1] if len(eos_token_ids) and bool((done_at < n).all()) else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Media
+
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+URL_TIMEOUT_S = 20
+
+
+def _read_url(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as r:
+            data = r.read(MAX_DOWNLOAD_BYTES + 1)
+    except Exception as e:
+        raise ValueError(f"could not fetch {url}: {e}") from e
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MiB")
+    return data
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB; anything with transparency is composited onto white (as the reference processors do)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(src: str | Path | Image.Image | np.ndarray) -> Image.Image:
+    """A PIL RGB image from a PIL image, an (H, W, 3|4) uint8 array, a path, an http(s) URL or a data URI.
+    Images read from bytes get their EXIF orientation applied."""
+    if isinstance(src, Image.Image):
+        return to_rgb(src)
+    if isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim not in (2, 3):
+            raise ValueError(f"an image array must be (H, W) or (H, W, C) uint8, got {src.dtype} {src.shape}")
+        return to_rgb(Image.fromarray(src))
+    src = str(src)
+    if src.startswith("data:"):
+        head, _, payload = src.partition(",")
+        if ";base64" not in head:
+            raise ValueError("only base64 data URIs are supported (data:image/png;base64,...)")
+        data, name = base64.b64decode(payload), "the data URI"
+    elif src.startswith(("http://", "https://")):
+        data, name = _read_url(src), src
+    else:
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"image file not found: {src}")
+        data, name = Path(src).read_bytes(), src
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{name} is not a readable image ({e})") from e
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    indices: list[int]  # which frames of the file were taken
+    timestamps: list[float]  # their times in seconds
+    fps: float  # the file's frame rate
+    total_frames: int
+
+
+def sample_frame_indices(total: int, num_frames: int | None = None, fps: float | None = None,
+                         video_fps: float | None = None) -> list[int]:  # fmt: skip
+    """Uniform indices: `num_frames` of them, or `fps` per second of video. Clamped to what the video has."""
+    if num_frames is not None and fps is not None:
+        raise ValueError("give num_frames or fps, not both")
+    if fps is not None:
+        num_frames = max(1, int(total / (video_fps or 24.0) * fps))
+    if num_frames is None or num_frames >= total:
+        if num_frames is not None and num_frames > total:
+            print(f"note: the video has {total} frames; using all of them instead of {num_frames}")
+        return list(range(total))
+    return torch.arange(0, total, total / num_frames).int().tolist()[:num_frames]
+
+
+def load_video(src: str | Path, num_frames: int | None = None, fps: float | None = None) -> Video:
+    """Decode frames with PyAV, sampled uniformly by count or rate. When few frames are wanted it seeks to each
+    one instead of decoding the whole file."""
+    import av
+
+    src = str(src)
+    if not src.startswith(("http://", "https://")) and not os.path.isfile(src):
+        raise FileNotFoundError(f"video file not found: {src}")
+    try:
+        container = av.open(src, timeout=URL_TIMEOUT_S)
+    except Exception as e:
+        raise ValueError(f"{src} is not a readable video ({e})") from e
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{src} has no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 24.0)
+        total = stream.frames  # from the header; 0 when the container does not say
+        if not total and stream.duration:
+            total = int(float(stream.duration * stream.time_base) * rate)
+        frames: dict[int, np.ndarray] = {}
+        wanted = sample_frame_indices(total, num_frames, fps, rate) if total else []
+        if total:
+            if len(wanted) * 4 < total:  # sparse: seek to each frame's timestamp
+                start = stream.start_time or 0
+                for idx in wanted:
+                    container.seek(start + int(idx / rate / stream.time_base), stream=stream, backward=True)
+                    for frame in container.decode(stream):
+                        if frame.pts is None or round((frame.pts - start) * stream.time_base * rate) >= idx:
+                            frames[idx] = frame.to_ndarray(format="rgb24")
+                            break
+        if not wanted or len(frames) < len(wanted):  # dense, or the header's frame count was off
+            container.seek(0)
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            if total == 0 or len(decoded) < total:
+                total = len(decoded)
+                wanted = sample_frame_indices(total, num_frames, fps, rate) if total else []
+            frames = {i: decoded[i] for i in wanted}
+    if not frames:
+        raise ValueError(f"{src} contains no decodable video frames")
+    return Video(np.stack([frames[i] for i in wanted]), wanted, [i / rate for i in wanted], rate, total)

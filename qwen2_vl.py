@@ -1,0 +1,880 @@
+"""Qwen2-VL in one file: preprocessing, vision transformer, patch merger, Qwen2 decoder with M-RoPE, generation.
+
+What is special about this model:
+- Dynamic resolution: an image is resized (never cropped) so both sides are multiples of 28 and its area lies in
+  [min_pixels, max_pixels], then cut into 14x14 patches. Different images give different numbers of tokens.
+- Images and videos share one vision tower: a patch is 2 frames x 14 x 14 (a still image is its frame twice).
+- 2-D rotary positions inside the vision transformer (row and column of each patch), and attention that never
+  crosses from one image, or one pair of video frames, into another.
+- A 2x2 patch merge: every 4 neighbouring patches become one token for the language model.
+- M-RoPE in the decoder: every token has 3 positions (time, height, width); text has all three equal, a vision
+  token has its (frame, row, column) offset from where its block starts. The rotary frequencies are split into
+  sections [16, 24, 24] that read the t, h and w positions respectively.
+- Because a vision block advances the position counter by less than its token count, decoding continues from
+  `position = token index + rope_delta` (rope_delta <= 0).
+
+Shape legend: B batch, T tokens in this call, S key length (cache + T), D model width, H query heads, Hkv kv heads,
+Dh head dim, N vision patches, Dv vision width, F video frames, V vocabulary.
+
+Worked example (Qwen2-VL-2B): a 480x640 photo -> smart_resize -> 476x644 -> grid (t=1, h=34, w=46) -> 1564 patches
+of 3*2*14*14 = 1176 values -> vision tower (1564, 1280) -> 2x2 merge -> 391 tokens of width 1536, written over the
+391 <|image_pad|> placeholders of the prompt. Text after the image continues at position start + max(17, 23) = +23.
+
+Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv 2409.12191).
+Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing), except where noted
+(positions after a video: we follow the released model, see `get_rope_index`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+# ==========================================================================================================
+# 1. Config
+# ==========================================================================================================
+
+DEFAULT = "Qwen/Qwen2-VL-2B-Instruct"
+PRESETS = {"2b": "Qwen/Qwen2-VL-2B-Instruct", "7b": "Qwen/Qwen2-VL-7B-Instruct"}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    embed_dim: int = 1280  # Dv
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    hidden_size: int = 1536  # the merger's output width = the decoder's D
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 1536  # D
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12  # H
+    num_key_value_heads: int = 2  # Hkv
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: tuple[int, int, int] = (16, 24, 24)  # rotary frequency slots read from t, h, w positions
+    max_position_embeddings: int = 32768
+
+
+@dataclass(frozen=True)
+class Qwen2VLConfig:
+    text_config: TextConfig = field(default_factory=TextConfig)
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    tie_word_embeddings: bool = True  # 2B: true, 7B: false
+    image_token_id: int = 151655  # <|image_pad|>
+    video_token_id: int = 151656  # <|video_pad|>
+    vision_start_token_id: int = 151652
+
+    @staticmethod
+    def from_hf(d: dict) -> Qwen2VLConfig:
+        """Reads the published flat config.json (text fields at the root, `rope_scaling`) and the
+        transformers-5 format (`text_config`, `rope_parameters`)."""
+        t = d.get("text_config") or d  # flat: the text fields are at the root
+        rope = t.get("rope_parameters") or {}
+        scaling = t.get("rope_scaling") or d.get("rope_scaling") or {}
+        if t.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true: no released Qwen2-VL uses it and qwen2_vl.py does not either")
+        text = TextConfig(
+            vocab_size=t["vocab_size"],
+            hidden_size=t["hidden_size"],
+            intermediate_size=t["intermediate_size"],
+            num_hidden_layers=t["num_hidden_layers"],
+            num_attention_heads=t["num_attention_heads"],
+            num_key_value_heads=t["num_key_value_heads"],
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+            mrope_section=tuple(rope.get("mrope_section", scaling.get("mrope_section", (16, 24, 24)))),
+            max_position_embeddings=t.get("max_position_embeddings", 32768),
+        )
+        v = d["vision_config"]
+        vision = VisionConfig(
+            depth=v["depth"],
+            embed_dim=v["embed_dim"],
+            num_heads=v["num_heads"],
+            mlp_ratio=v.get("mlp_ratio", 4.0),
+            hidden_size=v.get("hidden_size", text.hidden_size),
+            in_channels=v.get("in_channels", v.get("in_chans", 3)),
+            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+            temporal_patch_size=v.get("temporal_patch_size", 2),
+            spatial_merge_size=v.get("spatial_merge_size", 2),
+            rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        )
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert sum(text.mrope_section) * 2 == head_dim, "mrope_section must cover head_dim / 2 frequencies"
+        assert vision.hidden_size == text.hidden_size, "the merger must output the decoder's width"
+        return Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+            image_token_id=d.get("image_token_id", 151655),
+            video_token_id=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+        )
+
+
+# ==========================================================================================================
+# 2. Preprocessing and prompt
+# ==========================================================================================================
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionInputConfig:
+    """Resize bounds and normalisation for images or for videos (they are configured separately)."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    min_frames: int = 4  # videos only: bounds for frame sampling by fps
+    max_frames: int = 768
+    fps: float = 2.0  # videos read from a file are sampled at this rate unless told otherwise
+
+    @staticmethod
+    def from_hf(d: dict, min_pixels: int, max_pixels: int) -> VisionInputConfig:
+        """`min_pixels`/`max_pixels` (published files) win over `size` (transformers 5), as in transformers."""
+        size = d.get("size") or {}
+        return VisionInputConfig(
+            min_pixels=d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", min_pixels))),
+            max_pixels=d.get("max_pixels", size.get("longest_edge", size.get("max_pixels", max_pixels))),
+            patch_size=d.get("patch_size", 14),
+            temporal_patch_size=d.get("temporal_patch_size", 2),
+            merge_size=d.get("merge_size", 2),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+            min_frames=d.get("min_frames", 4),
+            max_frames=d.get("max_frames", 768),
+        )
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520):
+    """The (height, width) an image is resized to: both multiples of `factor`, area within [min, max] pixels,
+    aspect ratio kept as well as that allows. Example: 480x640 -> 476x644."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {width}x{height}: the aspect ratio must be below 200:1; crop or pad it first")
+    # NOTE: Python's round() is round-half-to-even (round(2.5) == 2); the reference relies on it.
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    if h < factor or w < factor:
+        raise ValueError(f"image of {width}x{height} is too small for {factor}-pixel patches with min_pixels="
+                         f"{min_pixels}; raise min_pixels (at least {factor * factor}) so it is upscaled")  # fmt: skip
+    return h, w
+
+
+def resize_and_normalize(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
+    """(F, 3, H, W) uint8 -> (F, 3, h, w) float32, h and w from smart_resize.
+    NOTE: the reference resizes the uint8 tensor with torchvision (antialiased bicubic, rounded back to uint8),
+    which is exactly torch's own uint8 interpolate below; then (x - 255 mean) / (255 std) in float32."""
+    factor = cfg.patch_size * cfg.merge_size
+    h, w = smart_resize(frames.shape[-2], frames.shape[-1], factor, cfg.min_pixels, cfg.max_pixels)
+    x = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # uint8
+    mean = torch.tensor(cfg.image_mean) * 255.0
+    std = torch.tensor(cfg.image_std) * 255.0
+    return (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def patchify(x: torch.Tensor, cfg: VisionInputConfig) -> tuple[torch.Tensor, list[int]]:
+    """(F, 3, h, w) frames -> (t*gh*gw, 3*2*14*14) patch rows and the grid [t, gh, gw].
+    Rows are ordered merge window by merge window (2x2 neighbours adjacent, so the merger can simply group 4
+    consecutive rows), each row flattened as (C, T, 14, 14). An odd frame count repeats the last frame."""
+    P, M, Tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if x.shape[0] % Tp:
+        x = torch.cat([x, x[-1:].expand(Tp - x.shape[0] % Tp, -1, -1, -1)])
+    Fr, C, h, w = x.shape
+    t, gh, gw = Fr // Tp, h // P, w // P
+    x = x.view(t, Tp, C, gh // M, M, P, gw // M, M, P)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/M, gw/M, M, M, C, Tp, P, P)
+    return x.reshape(t * gh * gw, C * Tp * P * P), [t, gh, gw]
+
+
+def to_uint8_frames(frames) -> torch.Tensor:
+    """An image (PIL, array, path), a list of frames, or an (F, H, W, 3) uint8 array -> (F, 3, H, W) uint8."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        arr = frames
+    else:
+        arr = np.stack([np.asarray(common.load_image(f)) for f in (frames if isinstance(frames, list) else [frames])])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+class Processor:
+    """Text + media -> the model's input tensors, with the same keys and layouts as transformers'
+    Qwen2VLProcessor: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw, mm_token_type_ids."""
+
+    def __init__(self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig,
+                 pad_token: str = "<|endoftext|>"):  # fmt: skip
+        self.tokenizer, self.image, self.video = tokenizer, image, video
+        self.pad_token_id = tokenizer.token_id(pad_token)
+        self.image_token_id = tokenizer.token_id(IMAGE_PAD)
+        self.video_token_id = tokenizer.token_id(VIDEO_PAD)
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from processor_config.json (transformers 5) or preprocessor_config.json and, if present,
+        video_preprocessor_config.json (published repos). Without a video file, videos use the image file's
+        values over the video defaults, as transformers 5.23 does."""
+        image_d, video_d = {}, None
+        if (ckpt / "processor_config.json").is_file():
+            p = common.read_json(ckpt / "processor_config.json")
+            image_d, video_d = p.get("image_processor", {}), p.get("video_processor")
+        if (ckpt / "preprocessor_config.json").is_file():
+            image_d = common.read_json(ckpt / "preprocessor_config.json")
+        if (ckpt / "video_preprocessor_config.json").is_file():
+            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
+        tok_cfg = common.read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+        pad = tok_cfg.get("pad_token") or "<|endoftext|>"
+        return Processor(
+            common.Tokenizer(ckpt / "tokenizer.json"),
+            VisionInputConfig.from_hf(image_d, min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
+            VisionInputConfig.from_hf(image_d if video_d is None else video_d, 128 * 28 * 28, 768 * 28 * 28),
+            pad if isinstance(pad, str) else pad["content"],
+        )
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            add_vision_id: bool = False) -> str:  # fmt: skip
+        """ChatML, exactly as the checkpoint's Jinja template renders it:
+        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n   (added when the first turn is not system)
+        <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\\n
+        <|im_start|>assistant\\n"""
+        out, n_images, n_videos = [], 0, 0
+        for i, m in enumerate(messages):
+            if i == 0 and m["role"] != "system":
+                out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
+            out.append(f"<|im_start|>{m['role']}\n")
+            if isinstance(m["content"], str):
+                out.append(m["content"])
+            else:
+                for item in m["content"]:
+                    kind = item.get("type")
+                    if kind == "image" or "image" in item or "image_url" in item:
+                        n_images += 1
+                        out.append((f"Picture {n_images}: " if add_vision_id else "")
+                                   + f"<|vision_start|>{IMAGE_PAD}<|vision_end|>")  # fmt: skip
+                    elif kind == "video" or "video" in item:
+                        n_videos += 1
+                        out.append((f"Video {n_videos}: " if add_vision_id else "")
+                                   + f"<|vision_start|>{VIDEO_PAD}<|vision_end|>")  # fmt: skip
+                    elif "text" in item:
+                        out.append(item["text"])
+            out.append("<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
+        rows, grids = [], []
+        for image in images:
+            x = resize_and_normalize(to_uint8_frames(image), self.image)
+            patches, grid = patchify(x, self.image)  # the single frame is repeated to a temporal pair
+            rows.append(patches)
+            grids.append(grid)
+        return {"pixel_values": torch.cat(rows), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
+        """Frames sampled explicitly (never every frame by accident): `num_frames` (rounded to even), or `fps`
+        frames per second (default 2) clamped to [min_frames, max_frames] and to an even count."""
+        Tp = self.video.temporal_patch_size
+        if num_frames is not None:
+            return common.load_video(path, num_frames=max(Tp, round(num_frames / Tp) * Tp))
+        probe = common.load_video(path, num_frames=1)
+        n = probe.total_frames / probe.fps * (fps or self.video.fps)
+        n = min(max(n, self.video.min_frames), self.video.max_frames, probe.total_frames)
+        return common.load_video(path, num_frames=max(1, math.floor(n / Tp) * Tp))
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        rows, grids = [], []
+        for video in videos:
+            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
+            frames = to_uint8_frames(frames)
+            if frames.shape[0] == 0:
+                raise ValueError("a video with zero frames was given")
+            patches, grid = patchify(resize_and_normalize(frames, self.video), self.video)
+            rows.append(patches)
+            grids.append(grid)
+        return {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        out: dict[str, torch.Tensor] = {}
+        counts = {IMAGE_PAD: [], VIDEO_PAD: []}  # placeholder tokens per image / per video
+        for media, prep, grid_key, pad in ((images, self.preprocess_images, "image_grid_thw", IMAGE_PAD),
+                                           (videos, self.preprocess_videos, "video_grid_thw", VIDEO_PAD)):  # fmt: skip
+            n_placeholders = sum(t.count(pad) for t in texts)
+            if n_placeholders != len(media):
+                raise ValueError(f"the prompt has {n_placeholders} {pad} placeholder(s) but {len(media)} "
+                                 f"{'images' if pad == IMAGE_PAD else 'videos'} were given: one placeholder "
+                                 f"(use apply_chat_template) per item")  # fmt: skip
+            if media:
+                out.update(prep(media))
+                counts[pad] = (out[grid_key].prod(-1) // self.image.merge_size**2).tolist()
+        # Expand each placeholder into one token per merged patch, in order across the batch.
+        it = {pad: iter(n) for pad, n in counts.items()}
+        pattern = re.compile(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}")
+        ids = [self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts]
+        L = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), L), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(ids), L, dtype=torch.long)
+        for b, x in enumerate(ids):
+            sl = slice(L - len(x), L) if padding_side == "left" else slice(0, len(x))
+            input_ids[b, sl], attention_mask[b, sl] = torch.tensor(x, dtype=torch.long), 1
+        mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+# ==========================================================================================================
+# 3. Vision tower
+# ==========================================================================================================
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def vision_rope_angles(grids: list[list[int]], head_dim: int, theta: float, merge: int) -> torch.Tensor:
+    """(N, Dh) rotary angles of every patch: [row * inv_freq, column * inv_freq] (Dh/4 frequencies each),
+    written twice for the half-split rotation. Rows/columns are listed in the processor's merge-window order
+    and repeated for each temporal pair of a video."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+    pos = []
+    for t, h, w in grids:
+        hh = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        ww = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        hw = torch.stack([hh.transpose(1, 2).flatten(), ww.transpose(1, 2).flatten()], dim=-1)  # (h*w, 2)
+        pos.append(hw.repeat(t, 1))
+    angles = (torch.cat(pos)[..., None].float() * inv_freq).flatten(1)  # (N, 2 * Dh/4) as [h freqs, w freqs]
+    return torch.cat([angles, angles], dim=-1)  # (N, Dh)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[tuple[int, int, int]]):
+        N, Dv = x.shape
+        H = self.n_head
+        q, k, v = self.qkv(x).view(N, 3, H, Dv // H).unbind(1)  # each (N, H, Dh)
+        # NOTE: the rotation is applied in float32 even for bf16 weights (as the reference does).
+        c, s = cos[:, None], sin[:, None]
+        q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
+        k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
+        y = torch.empty_like(q)
+        # Block-diagonal attention: each run is n equally long segments (an image = 1 segment, a video = one per
+        # temporal pair) attending only within themselves, so each run is one batched, unmasked SDPA call.
+        for start, n, L in runs:
+            sl = slice(start, start + n * L)
+            qs, ks, vs = (z[sl].view(n, L, H, -1).transpose(1, 2) for z in (q, k, v))  # (n, H, L, Dh)
+            y[sl] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(n * L, H, -1)
+        return self.proj(y.reshape(N, Dv))
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+        self.fc2 = nn.Linear(int(cfg.embed_dim * cfg.mlp_ratio), cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick_gelu
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = VisionMlp(cfg)
+
+    def forward(self, x, cos, sin, runs):
+        x = x + self.attn(self.norm1(x), cos, sin, runs)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C*Tp*P*P) -> (N, Dv)
+        # A Conv3d whose kernel equals its stride, on exactly one kernel-sized input, is a matrix product.
+        return F.linear(x, self.proj.weight.flatten(1))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        width = cfg.embed_dim * cfg.spatial_merge_size**2
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Dv) -> (N/4, D)
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))  # 4 consecutive rows = one 2x2 window
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """(N, 1176) patch rows + (n_media, 3) grids -> (N / 4, D) merged tokens, media after media."""
+        grids = grid_thw.tolist()
+        assert pixels.shape[0] == sum(t * h * w for t, h, w in grids), "one row of pixel_values per patch"
+        runs, start = [], 0
+        for t, h, w in grids:
+            runs.append((start, t, h * w))
+            start += t * h * w
+        angles = vision_rope_angles(grids, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta,
+                                    self.cfg.spatial_merge_size).to(pixels.device)  # fmt: skip
+        cos, sin = angles.cos(), angles.sin()  # (N, Dh) float32
+        x = self.patch_embed(pixels)  # (N, Dv)
+        for block in self.blocks:
+            x = block(x, cos, sin, runs)
+        return self.merger(x)
+
+
+# ==========================================================================================================
+# 4. Language decoder (Qwen2 with M-RoPE)
+# ==========================================================================================================
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32, cast back, then scale (the Llama/Qwen order).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def mrope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (3, B, T) t/h/w positions -> cos, sin (B, T, Dh). Frequency slot i takes its angle from the t, h or w
+    position according to `mrope_section` ([16, 24, 24]: slots 0-15 from t, 16-39 from h, 40-63 from w)."""
+    Dh = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float, device=pos.device) / Dh)
+    angles = pos[..., None].float() * inv_freq  # (3, B, T, Dh/2), computed in float32
+    parts = angles.split(list(cfg.mrope_section), dim=-1)
+    angles = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)  # NOTE: cast to the model dtype before use
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1, T, S).
+    Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the query length:
+
+        q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+    """
+    B, H, T, Dh = q.shape
+    G = H // k.shape[1]
+    y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
+    return y.view(B, H, T, Dh)
+
+
+class KVCache(nn.Module):
+    """Static cache of one layer: (B, Hkv, S_max, Dh) buffers written in place at the given slot."""
+
+    def __init__(self, B: int, Hkv: int, S_max: int, Dh: int, device, dtype):
+        super().__init__()
+        self.k = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+        self.v = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # only the filled slots are read
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        D, H, Hkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.H, self.Hkv, self.Dh = H, Hkv, D // H
+        self.q_proj = nn.Linear(D, H * self.Dh, bias=True)  # NOTE: Qwen2 has q/k/v biases, no o_proj bias
+        self.k_proj = nn.Linear(D, Hkv * self.Dh, bias=True)
+        self.v_proj = nn.Linear(D, Hkv * self.Dh, bias=True)
+        self.o_proj = nn.Linear(H * self.Dh, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, pos: int = 0):
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+        y = attend(q, k, v, mask)  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, pos3, mask, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        """x (B, T, D) embeddings, pos3 (3, B, T) M-RoPE positions, mask (B, 1, T, S) -> (B, T, D)."""
+        cos, sin = mrope_cos_sin(pos3, self.cfg, x.dtype)  # once for all layers
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], pos)
+        return self.norm(x)
+
+
+# ==========================================================================================================
+# 5. The VLM: merge vision features, positions, masks, forward, generate
+# ==========================================================================================================
+
+
+def get_rope_index(input_ids: torch.Tensor, mm_types: torch.Tensor, attention_mask: torch.Tensor,
+                   image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                   merge: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """3-D positions (3, B, T) and rope_delta (B,), computed on the host from token types and grids.
+
+    Walking over the non-padding tokens of a row with a counter `cur` starting at 0:
+      text run of L tokens        -> t = h = w = cur .. cur+L-1;                     cur += L
+      vision block of grid t,h,w  -> (cur + frame, cur + row, cur + column) for each merged token
+                                     (gh = h/2, gw = w/2 after the 2x2 merge);     cur += max(t, gh, gw)
+    Example: 2 text tokens, an image of grid (1, 4, 6) (6 tokens), 1 text token:
+      t: 0 1 | 2 2 2 2 2 2 | 5        h: 0 1 | 2 2 2 3 3 3 | 5        w: 0 1 | 2 3 4 2 3 4 | 5
+    rope_delta = (last position + 1) - (number of tokens) = 6 - 9 = -3: decoding continues at index + delta.
+    Padding positions stay 0 (they are masked out).
+
+    NOTE: after a video we follow the released model (and transformers 4.x): cur += max(t, gh, gw). transformers
+    5.23 advances by max(gh, gw) only, which differs when a video has more temporal pairs than max(gh, gw).
+    """
+    B, T = input_ids.shape
+    types, keep = mm_types.cpu(), attention_mask.cpu().bool()
+    grids = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             2: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}  # fmt: skip
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    delta = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        row = types[b][keep[b]].tolist()
+        out, cur, i = [], 0, 0
+        while i < len(row):
+            if row[i] == 0:
+                j = i
+                while j < len(row) and row[j] == 0:
+                    j += 1
+                out.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur, i = cur + j - i, j
+                continue
+            t, h, w = next(grids[row[i]])
+            gh, gw = h // merge, w // merge
+            n = t * gh * gw
+            assert row[i : i + n] == [row[i]] * n, "each vision block must have one placeholder per merged token"
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+            out.append(cur + torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]))
+            cur, i = cur + max(t, gh, gw), i + n
+        p = torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)
+        pos[:, b, keep[b]] = p
+        delta[b] = (int(p.max()) + 1 if len(row) else 0) - len(row)
+    return pos, delta
+
+
+def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor:
+    """(B, S) bool of real (non-padding) keys -> (B, 1, T, S) bool, query t at slot offset + t.
+
+        keys:    p  p  a  b  c        (p = left padding, x = may attend)
+        query a  .  .  x  .  .
+        query b  .  .  x  x  .
+        query c  .  .  x  x  x
+    A padding query sees only itself, so no row is all False (SDPA would return NaN); its output is unused.
+    """
+    S = keep.shape[1]
+    s = torch.arange(S, device=keep.device)
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision_config)
+        self.model = Qwen2Model(cfg.text_config)
+        self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+        self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
+        self.pad_token_id = 0
+        self.tokenizer: common.Tokenizer | None = None
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None) -> torch.Tensor:  # fmt: skip
+        """Token embeddings with the vision features written over the placeholder tokens, in order."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        merge = self.cfg.vision_config.spatial_merge_size
+        for what, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                             ("video", pixel_values_videos, video_grid_thw,
+                                              self.cfg.video_token_id)):  # fmt: skip
+            is_pad = input_ids == token_id
+            need = 0 if grid is None else int(grid.prod(-1).sum()) // merge**2
+            have = int(is_pad.sum())
+            if have != need or (pixels is None) != (grid is None):
+                raise ValueError(f"the prompt has {have} {what} placeholder tokens but the {what}s' grids give "
+                                 f"{need} features: pass the processor's output unchanged")  # fmt: skip
+            if pixels is not None:
+                feats = self.visual(pixels.to(x.dtype), grid.cpu())  # (need, D)
+                x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))
+        return x
+
+    def positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw):
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.cfg.image_token_id).long() + 2 * (
+                input_ids == self.cfg.video_token_id
+            ).long()
+        merge = self.cfg.vision_config.spatial_merge_size
+        pos, delta = get_rope_index(input_ids, mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw,
+                                    merge)  # fmt: skip
+        return pos.to(input_ids.device), delta.to(input_ids.device)
+
+    def forward(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:  # fmt: skip
+        """The full forward pass without a cache: logits (B, T, V). Differentiable."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        pos3, _ = self.positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw)
+        mask = causal_padding_mask(attention_mask.bool(), input_ids.shape[1])
+        return self.lm_head(self.model(x, pos3, mask))
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, eos_token_ids: list[int] | None = None, streamer=None) -> torch.Tensor:  # fmt: skip
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        pos3, delta = self.positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw)
+        tc = self.cfg.text_config
+        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        caches = [KVCache(B, tc.num_key_value_heads, S_max, tc.hidden_size // tc.num_attention_heads, x.device,
+                          x.dtype) for _ in range(tc.num_hidden_layers)]  # fmt: skip
+        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
+        keep[:, :T] = attention_mask.bool()
+        h = self.model(x, pos3, causal_padding_mask(keep[:, :T], T), caches, 0)
+        first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
+        if not bool(torch.isfinite(first).all()):
+            raise RuntimeError("the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32")
+        n_real = attention_mask.sum(1)  # (B,)
+
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:
+            # NOTE: the new token's M-RoPE position on all 3 axes is its index among real tokens + rope_delta.
+            p = (n_real + i + delta).view(1, B, 1).expand(3, B, 1)
+            mask = keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
+            h = self.model(self.model.embed_tokens(token), p, mask, caches, T + i)
+            return self.lm_head(h[:, -1]).float()
+
+        settings = common.GenerationSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        return common.generate_loop(first, step, input_ids, attention_mask, settings, eos, self.pad_token_id,
+                                    streamer, self.tokenizer)  # fmt: skip
+
+
+# ==========================================================================================================
+# 6. Weights
+# ==========================================================================================================
+
+
+def rename(key: str) -> str | None:
+    """Checkpoint key -> our name. Ours are the published layout (`visual.*`, `model.*`, `lm_head.*`, also what
+    transformers 5.23 writes); fine-tunes saved by transformers 4.52-4.57 use `model.visual.*` and
+    `model.language_model.*`, and 5.10-5.23 had a doubled `model.language_model.model.*` prefix."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return None  # old checkpoints carry the rotary table; we compute it
+    key = re.sub(r"^model\.visual\.", "visual.", key)
+    return re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", key)
+
+
+def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+    ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
+    raw = common.read_json(ckpt / "config.json")
+    common.check_model_type(raw, "qwen2_vl", "qwen2_vl.py")
+    cfg = Qwen2VLConfig.from_hf(raw)
+    device = common.pick_device(device)
+    dtype = common.pick_dtype(dtype, device)
+    with torch.device("meta"):
+        model = Qwen2VL(cfg)
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
+    common.load_weights(model, ckpt, rename, device, dtype, tied)
+    processor = Processor.from_dir(ckpt)
+    model.eos_token_ids = common.read_eos_ids(ckpt, raw)
+    model.pad_token_id = processor.pad_token_id
+    model.tokenizer = processor.tokenizer
+    return model.eval(), processor
+
+
+# ==========================================================================================================
+# 7. Command line
+# ==========================================================================================================
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Chat with Qwen2-VL about images and videos.")
+    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a local directory")
+    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
+    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--system", default=None, help=f"system message (default: {DEFAULT_SYSTEM!r})")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--min-pixels", type=int, default=None, help="lower bound on an image's resized area")
+    ap.add_argument("--max-pixels", type=int, default=None, help="upper bound (tokens per image = pixels / 784)")
+    ap.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
+    ap.add_argument("--fps", type=float, default=None, help="frames per second sampled (default 2)")
+    ap.add_argument("--show-prompt", action="store_true", help="print the rendered prompt to stderr")
+    a = ap.parse_args(argv)
+
+    model, processor = load(a.model, a.device, a.dtype)
+    for attr in ("min_pixels", "max_pixels"):
+        if getattr(a, attr) is not None:
+            processor.image = replace(processor.image, **{attr: getattr(a, attr)})
+            processor.video = replace(processor.video, **{attr: getattr(a, attr)})
+    images = [common.load_image(src) for src in a.image]
+    videos = []
+    for src in a.video:
+        v = processor.load_video(src, a.num_frames, a.fps)
+        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
+        videos.append(v.frames)
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
+    ]
+    prompt = processor.apply_chat_template(messages)
+    if a.show_prompt:
+        print(prompt, file=sys.stderr)
+    inputs = processor(text=prompt, images=images or None, videos=videos or None)
+    for key, what in (("image_grid_thw", "image"), ("video_grid_thw", "video")):
+        for i, g in enumerate(inputs.get(key, [])):
+            print(f"{what} {i + 1}: grid {g.tolist()} -> {int(g.prod()) // 4} tokens", file=sys.stderr)
+    inputs = {k: v.to(model.lm_head.weight.device) for k, v in inputs.items()}
+    print(f"sampling: temperature={a.temperature} top_k={a.top_k} top_p={a.top_p} "
+          f"repetition_penalty={a.repetition_penalty} (command-line values; the checkpoint's "
+          f"generation_config.json is read for EOS ids only)", file=sys.stderr)  # fmt: skip
+    first: list[float] = []
+
+    def streamer(piece: str) -> None:
+        first.append(first[0] if first else time.perf_counter())
+        print(piece, end="", flush=True)
+
+    t0 = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                         top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer)  # fmt: skip
+    t1 = time.perf_counter()
+    print()
+    n = out.shape[1]
+    ttft = (first[0] if first else t1) - t0
+    rate = (n - 1) / (t1 - t0 - ttft) if n > 1 and t1 - t0 > ttft else float("nan")
+    n_vis = int((inputs["mm_token_type_ids"] > 0).sum())
+    print(json.dumps({"model": a.model, "device": str(model.lm_head.weight.device), "dtype": str(model.lm_head.weight.dtype),
+                      "prompt_tokens": inputs["input_ids"].shape[1], "visual_tokens": n_vis, "new_tokens": n,
+                      "ttft_s": round(ttft, 3), "tokens_per_s": round(rate, 2)}), file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
