@@ -421,7 +421,7 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
         raise ValueError(f"{src} is not a readable video ({e})") from e
     with container:
         if not container.streams.video:
-            raise ValueError(f"{src} has no video stream")
+            raise ValueError(f"{src} contains no video frames (no video stream)")
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 24.0)
         total = stream.frames  # from the header; 0 when the container does not say

@@ -683,6 +683,8 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTransformer(cfg.vision_config)
         self.model = Qwen2Model(cfg.text_config)
         self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # 2B: the output projection is the embedding matrix
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
         self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
