@@ -1,6 +1,7 @@
 """What the five model files share that is not architecture.
 
-- tokenization: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library), UTF-8-safe streaming
+- tokenization: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library), UTF-8-safe
+streaming
 - weights: `checkpoint_dir` (Hub download of only the needed files, or a local directory), `read_json`,
   `check_model_type`, `load_weights` (safetensors shards, per-model `rename`, strict, meta device + assign)
 - generation: `sample` (greedy, temperature, top-k, top-p, repetition penalty) and `generate_loop`
@@ -17,9 +18,9 @@ import io
 import json
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,8 +44,14 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -103,18 +110,34 @@ class Tokenizer:
 # Checkpoints and weights
 
 # Only these files are downloaded; never the `original/` folders some repos also ship.
-CHECKPOINT_FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
-                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
-                    "chat_template.jinja"]  # fmt: skip
+CHECKPOINT_FILES = [
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+]
 
 # Which file of this repository runs which `model_type`, for the "wrong file" error.
-MODEL_FILES = {"qwen2_vl": "qwen2_vl.py", "paligemma": "paligemma.py", "llava_onevision": "llava_onevision.py",
-               "video_llava": "video_llava.py", "perception_lm": "perception_lm.py"}  # fmt: skip
+MODEL_FILES = {
+    "qwen2_vl": "qwen2_vl.py",
+    "paligemma": "paligemma.py",
+    "llava_onevision": "llava_onevision.py",
+    "video_llava": "video_llava.py",
+    "perception_lm": "perception_lm.py",
+}
 
 
 def checkpoint_dir(name_or_path: str | Path) -> Path:
-    """A local directory in the Hub layout, or a Hub repo id downloaded (only the needed files) to the cache."""
+    """A local directory in the Hub layout, or a Hub repo id downloaded (only the needed files) to the
+    cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -127,7 +150,9 @@ def checkpoint_dir(name_or_path: str | Path) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES, ignore_patterns=["*/*"]))
     except GatedRepoError as e:
-        raise ValueError(f"{name} is gated: accept its licence on the Hub, then set HF_TOKEN=<your token>") from e
+        raise ValueError(
+            f"{name} is gated: accept its licence on the Hub, then set HF_TOKEN=<your token>"
+        ) from e
     except RepositoryNotFoundError as e:
         raise ValueError(f"{name} is not a Hub repository (or it is private: set HF_TOKEN)") from e
     except Exception as e:  # offline, DNS, proxy, timeout: all end the same way for the user
@@ -201,13 +226,18 @@ def load_weights(
         if dst not in state and src in state:
             state[dst] = state[src]
     missing = sorted(set(expected) - set(state))
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
-           for k, v in state.items() if k in expected and v.shape != expected[k]]  # fmt: skip
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k]
+    ]
     if missing or unexpected or bad:
         lines = [f"weights in {ckpt} do not fit the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", bad)):
             if items:
-                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+                lines.append(
+                    f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
+                )
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True, assign=True)
     for dst, src in tied.items():  # share one Parameter, so fine-tuning keeps them tied
@@ -218,7 +248,9 @@ def load_weights(
 def read_eos_ids(ckpt: Path, config: dict) -> list[int]:
     """EOS ids from generation_config.json when present, else from config.json (flat or text_config)."""
     gen = read_json(ckpt / "generation_config.json") if (ckpt / "generation_config.json").is_file() else {}
-    eos = gen.get("eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
+    eos = gen.get(
+        "eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
+    )
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
@@ -279,7 +311,9 @@ class GenerationSettings:
 
 def generate_loop(
     first_logits: torch.Tensor,  # (B, V): the prefill's logits at each row's last prompt token
-    step: Callable[[torch.Tensor, int], torch.Tensor],  # (tokens (B, 1), i) -> logits (B, V) for decode step i
+    step: Callable[
+        [torch.Tensor, int], torch.Tensor
+    ],  # (tokens (B, 1), i) -> logits (B, V) for decode step i
     prompt_ids: torch.Tensor,  # (B, T) long, for the repetition penalty
     prompt_mask: torch.Tensor,  # (B, T) 1 for real tokens, 0 for padding
     settings: GenerationSettings,
@@ -289,7 +323,8 @@ def generate_loop(
     tokenizer: Tokenizer | None = None,
 ) -> torch.Tensor:  # (B, N) new tokens only; rows that finished early are padded with pad_token_id
     """The decode loop shared by every model: sample, record, stop rows at EOS, feed the token back.
-    The only host-device syncs are the streamer's (it needs the token) and an all-finished check every 8 steps."""
+    The only host-device syncs are the streamer's (it needs the token) and an all-finished check every 8
+    steps."""
     B, V = first_logits.shape
     device, s = first_logits.device, settings
     if streamer is not None and (B != 1 or tokenizer is None):
@@ -351,7 +386,9 @@ def _read_url(url: str) -> bytes:
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB; anything with transparency is composited onto white (as the reference processors do)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+        image = Image.alpha_composite(
+            Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA")
+        )
     return image.convert("RGB")
 
 
@@ -393,8 +430,9 @@ class Video:
     total_frames: int
 
 
-def sample_frame_indices(total: int, num_frames: int | None = None, fps: float | None = None,
-                         video_fps: float | None = None) -> list[int]:  # fmt: skip
+def sample_frame_indices(
+    total: int, num_frames: int | None = None, fps: float | None = None, video_fps: float | None = None
+) -> list[int]:
     """Uniform indices: `num_frames` of them, or `fps` per second of video. Clamped to what the video has."""
     if num_frames is not None and fps is not None:
         raise ValueError("give num_frames or fps, not both")
@@ -408,8 +446,8 @@ def sample_frame_indices(total: int, num_frames: int | None = None, fps: float |
 
 
 def load_video(src: str | Path, num_frames: int | None = None, fps: float | None = None) -> Video:
-    """Decode frames with PyAV, sampled uniformly by count or rate. When few frames are wanted it seeks to each
-    one instead of decoding the whole file."""
+    """Decode frames with PyAV, sampled uniformly by count or rate. When few frames are wanted it seeks to
+    each one instead of decoding the whole file."""
     import av
 
     src = str(src)

@@ -1,8 +1,9 @@
-"""Qwen2-VL in one file: preprocessing, vision transformer, patch merger, Qwen2 decoder with M-RoPE, generation.
+"""Qwen2-VL in one file: preprocessing, vision transformer, patch merger, Qwen2 decoder with M-RoPE,
+generation.
 
 What is special about this model:
-- Dynamic resolution: an image is resized (never cropped) so both sides are multiples of 28 and its area lies in
-  [min_pixels, max_pixels], then cut into 14x14 patches. Different images give different numbers of tokens.
+- Dynamic resolution: an image is resized (never cropped) so both sides are multiples of 28 and its area
+  lies in [min_pixels, max_pixels], then cut into 14x14 patches: different images give different token counts.
 - Images and videos share one vision tower: a patch is 2 frames x 14 x 14 (a still image is its frame twice).
 - 2-D rotary positions inside the vision transformer (row and column of each patch), and attention that never
   crosses from one image, or one pair of video frames, into another.
@@ -13,16 +14,17 @@ What is special about this model:
 - Because a vision block advances the position counter by less than its token count, decoding continues from
   `position = token index + rope_delta` (rope_delta <= 0).
 
-Shape legend: B batch, T tokens in this call, S key length (cache + T), D model width, H query heads, Hkv kv heads,
-Dh head dim, N vision patches, Dv vision width, F video frames, V vocabulary.
+Shape legend: B batch, T tokens in this call, S key length (cache + T), D model width, H query heads, Hkv kv
+heads, Dh head dim, N vision patches, Dv vision width, F video frames, V vocabulary.
 
-Worked example (Qwen2-VL-2B): a 480x640 photo -> smart_resize -> 476x644 -> grid (t=1, h=34, w=46) -> 1564 patches
-of 3*2*14*14 = 1176 values -> vision tower (1564, 1280) -> 2x2 merge -> 391 tokens of width 1536, written over the
-391 <|image_pad|> placeholders of the prompt. Text after the image continues at position start + max(17, 23) = +23.
+Worked example (Qwen2-VL-2B): a 480x640 photo -> smart_resize -> 476x644 -> grid (t=1, h=34, w=46) -> 1564
+patches of 3*2*14*14 = 1176 values -> vision tower (1564, 1280) -> 2x2 merge -> 391 tokens of width 1536,
+written over the 391 <|image_pad|> placeholders of the prompt. Text after the image continues at position
+start + max(17, 23) = +23.
 
-Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv 2409.12191).
-Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing), except where noted
-(positions after a video: we follow the released model, see `get_rope_index`).
+Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv
+2409.12191). Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing),
+except where noted (positions after a video: we follow the released model, see `get_rope_index`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import common
 
@@ -97,7 +98,9 @@ class Qwen2VLConfig:
         rope = t.get("rope_parameters") or {}
         scaling = t.get("rope_scaling") or d.get("rope_scaling") or {}
         if t.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true: no released Qwen2-VL uses it and qwen2_vl.py does not either")
+            raise ValueError(
+                "use_sliding_window=true: no released Qwen2-VL uses it and qwen2_vl.py does not either"
+            )
         text = TextConfig(
             vocab_size=t["vocab_size"],
             hidden_size=t["hidden_size"],
@@ -161,7 +164,8 @@ class VisionInputConfig:
 
     @staticmethod
     def from_hf(d: dict, min_pixels: int, max_pixels: int) -> VisionInputConfig:
-        """`min_pixels`/`max_pixels` (published files) win over `size` (transformers 5), as in transformers."""
+        """`min_pixels`/`max_pixels` (published files) win over `size` (transformers 5), as in
+        transformers."""
         size = d.get("size") or {}
         return VisionInputConfig(
             min_pixels=d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", min_pixels))),
@@ -176,11 +180,15 @@ class VisionInputConfig:
         )
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520):
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
+):
     """The (height, width) an image is resized to: both multiples of `factor`, area within [min, max] pixels,
     aspect ratio kept as well as that allows. Example: 480x640 -> 476x644."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image of {width}x{height}: the aspect ratio must be below 200:1; crop or pad it first")
+        raise ValueError(
+            f"image of {width}x{height}: the aspect ratio must be below 200:1; crop or pad it first"
+        )
     # NOTE: Python's round() is round-half-to-even (round(2.5) == 2); the reference relies on it.
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
@@ -191,15 +199,18 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 31
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     if h < factor or w < factor:
-        raise ValueError(f"image of {width}x{height} is too small for {factor}-pixel patches with min_pixels="
-                         f"{min_pixels}; raise min_pixels (at least {factor * factor}) so it is upscaled")  # fmt: skip
+        raise ValueError(
+            f"image of {width}x{height} is too small for {factor}-pixel patches with min_pixels="
+            f"{min_pixels}; raise min_pixels (at least {factor * factor}) so it is upscaled"
+        )
     return h, w
 
 
 def resize_and_normalize(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
     """(F, 3, H, W) uint8 -> (F, 3, h, w) float32, h and w from smart_resize.
-    NOTE: the reference resizes the uint8 tensor with torchvision (antialiased bicubic, rounded back to uint8),
-    which is exactly torch's own uint8 interpolate below; then (x - 255 mean) / (255 std) in float32."""
+    NOTE: the reference resizes the uint8 tensor with torchvision (antialiased bicubic, rounded back to
+    uint8), which is exactly torch's own uint8 interpolate below; then (x - 255 mean) / (255 std) in
+    float32."""
     factor = cfg.patch_size * cfg.merge_size
     h, w = smart_resize(frames.shape[-2], frames.shape[-1], factor, cfg.min_pixels, cfg.max_pixels)
     x = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # uint8
@@ -227,7 +238,9 @@ def to_uint8_frames(frames) -> torch.Tensor:
     if isinstance(frames, np.ndarray) and frames.ndim == 4:
         arr = frames
     else:
-        arr = np.stack([np.asarray(common.load_image(f)) for f in (frames if isinstance(frames, list) else [frames])])
+        arr = np.stack(
+            [np.asarray(common.load_image(f)) for f in (frames if isinstance(frames, list) else [frames])]
+        )
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
@@ -240,8 +253,13 @@ class Processor:
     Qwen2VLProcessor: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
     video_grid_thw, mm_token_type_ids."""
 
-    def __init__(self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig,
-                 pad_token: str = "<|endoftext|>"):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: common.Tokenizer,
+        image: VisionInputConfig,
+        video: VisionInputConfig,
+        pad_token: str = "<|endoftext|>",
+    ):
         self.tokenizer, self.image, self.video = tokenizer, image, video
         self.pad_token_id = tokenizer.token_id(pad_token)
         self.image_token_id = tokenizer.token_id(IMAGE_PAD)
@@ -260,7 +278,11 @@ class Processor:
             image_d = common.read_json(ckpt / "preprocessor_config.json")
         if (ckpt / "video_preprocessor_config.json").is_file():
             video_d = common.read_json(ckpt / "video_preprocessor_config.json")
-        tok_cfg = common.read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+        tok_cfg = (
+            common.read_json(ckpt / "tokenizer_config.json")
+            if (ckpt / "tokenizer_config.json").is_file()
+            else {}
+        )
         pad = tok_cfg.get("pad_token") or "<|endoftext|>"
         return Processor(
             common.Tokenizer(ckpt / "tokenizer.json"),
@@ -269,11 +291,12 @@ class Processor:
             pad if isinstance(pad, str) else pad["content"],
         )
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            add_vision_id: bool = False) -> str:  # fmt: skip
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False
+    ) -> str:
         """ChatML, exactly as the checkpoint's Jinja template renders it:
-        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n   (added when the first turn is not system)
-        <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\\n
+        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n   (added when the first turn is not
+        system) <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\\n
         <|im_start|>assistant\\n"""
         out, n_images, n_videos = [], 0, 0
         for i, m in enumerate(messages):
@@ -287,12 +310,16 @@ class Processor:
                     kind = item.get("type")
                     if kind == "image" or "image" in item or "image_url" in item:
                         n_images += 1
-                        out.append((f"Picture {n_images}: " if add_vision_id else "")
-                                   + f"<|vision_start|>{IMAGE_PAD}<|vision_end|>")  # fmt: skip
+                        out.append(
+                            (f"Picture {n_images}: " if add_vision_id else "")
+                            + f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
+                        )
                     elif kind == "video" or "video" in item:
                         n_videos += 1
-                        out.append((f"Video {n_videos}: " if add_vision_id else "")
-                                   + f"<|vision_start|>{VIDEO_PAD}<|vision_end|>")  # fmt: skip
+                        out.append(
+                            (f"Video {n_videos}: " if add_vision_id else "")
+                            + f"<|vision_start|>{VIDEO_PAD}<|vision_end|>"
+                        )
                     elif "text" in item:
                         out.append(item["text"])
             out.append("<|im_end|>\n")
@@ -330,7 +357,10 @@ class Processor:
             patches, grid = patchify(resize_and_normalize(frames, self.video), self.video)
             rows.append(patches)
             grids.append(grid)
-        return {"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        return {
+            "pixel_values_videos": torch.cat(rows),
+            "video_grid_thw": torch.tensor(grids, dtype=torch.long),
+        }
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
         texts = [text] if isinstance(text, str) else list(text)
@@ -338,20 +368,26 @@ class Processor:
         videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
         out: dict[str, torch.Tensor] = {}
         counts = {IMAGE_PAD: [], VIDEO_PAD: []}  # placeholder tokens per image / per video
-        for media, prep, grid_key, pad in ((images, self.preprocess_images, "image_grid_thw", IMAGE_PAD),
-                                           (videos, self.preprocess_videos, "video_grid_thw", VIDEO_PAD)):  # fmt: skip
+        for media, prep, grid_key, pad in (
+            (images, self.preprocess_images, "image_grid_thw", IMAGE_PAD),
+            (videos, self.preprocess_videos, "video_grid_thw", VIDEO_PAD),
+        ):
             n_placeholders = sum(t.count(pad) for t in texts)
             if n_placeholders != len(media):
-                raise ValueError(f"the prompt has {n_placeholders} {pad} placeholder(s) but {len(media)} "
-                                 f"{'images' if pad == IMAGE_PAD else 'videos'} were given: one placeholder "
-                                 f"(use apply_chat_template) per item")  # fmt: skip
+                raise ValueError(
+                    f"the prompt has {n_placeholders} {pad} placeholder(s) but {len(media)} "
+                    f"{'images' if pad == IMAGE_PAD else 'videos'} were given: one placeholder "
+                    f"(use apply_chat_template) per item"
+                )
             if media:
                 out.update(prep(media))
                 counts[pad] = (out[grid_key].prod(-1) // self.image.merge_size**2).tolist()
         # Expand each placeholder into one token per merged patch, in order across the batch.
         it = {pad: iter(n) for pad, n in counts.items()}
         pattern = re.compile(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}")
-        ids = [self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts]
+        ids = [
+            self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts
+        ]
         L = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(len(ids), L, dtype=torch.long)
@@ -400,7 +436,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[tuple[int, int, int]]):
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[tuple[int, int, int]]
+    ):
         N, Dv = x.shape
         H = self.n_head
         q, k, v = self.qkv(x).view(N, 3, H, Dv // H).unbind(1)  # each (N, H, Dh)
@@ -409,8 +447,8 @@ class VisionAttention(nn.Module):
         q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
         k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
         y = torch.empty_like(q)
-        # Block-diagonal attention: each run is n equally long segments (an image = 1 segment, a video = one per
-        # temporal pair) attending only within themselves, so each run is one batched, unmasked SDPA call.
+        # Block-diagonal attention: each run is n equally long segments (an image = 1 segment, a video = one
+        # per temporal pair) attending only within themselves, so each run is one batched, unmasked SDPA call.
         for start, n, L in runs:
             sl = slice(start, start + n * L)
             qs, ks, vs = (z[sl].view(n, L, H, -1).transpose(1, 2) for z in (q, k, v))  # (n, H, L, Dh)
@@ -480,8 +518,9 @@ class VisionTransformer(nn.Module):
         for t, h, w in grids:
             runs.append((start, t, h * w))
             start += t * h * w
-        angles = vision_rope_angles(grids, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta,
-                                    self.cfg.spatial_merge_size).to(pixels.device)  # fmt: skip
+        angles = vision_rope_angles(
+            grids, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta, self.cfg.spatial_merge_size
+        ).to(pixels.device)
         cos, sin = angles.cos(), angles.sin()  # (N, Dh) float32
         x = self.patch_embed(pixels)  # (N, Dv)
         for block in self.blocks:
@@ -506,9 +545,12 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def mrope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos (3, B, T) t/h/w positions -> cos, sin (B, T, Dh). Frequency slot i takes its angle from the t, h or w
-    position according to `mrope_section` ([16, 24, 24]: slots 0-15 from t, 16-39 from h, 40-63 from w)."""
+def mrope_cos_sin(
+    pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (3, B, T) t/h/w positions -> cos, sin (B, T, Dh). Frequency slot i takes its angle from the t, h
+    or w position according to `mrope_section` ([16, 24, 24]: slots 0-15 from t, 16-39 from h, 40-63 from
+    w)."""
     Dh = cfg.hidden_size // cfg.num_attention_heads
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float, device=pos.device) / Dh)
     angles = pos[..., None].float() * inv_freq  # (3, B, T, Dh/2), computed in float32
@@ -519,8 +561,9 @@ def mrope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tup
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1, T, S).
-    Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the query length:
+    """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1,
+    T, S). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
+    query length:
 
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
         mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
@@ -614,9 +657,14 @@ class Qwen2Model(nn.Module):
 # ==========================================================================================================
 
 
-def get_rope_index(input_ids: torch.Tensor, mm_types: torch.Tensor, attention_mask: torch.Tensor,
-                   image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
-                   merge: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def get_rope_index(
+    input_ids: torch.Tensor,
+    mm_types: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    merge: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D positions (3, B, T) and rope_delta (B,), computed on the host from token types and grids.
 
     Walking over the non-padding tokens of a row with a counter `cur` starting at 0:
@@ -628,13 +676,16 @@ def get_rope_index(input_ids: torch.Tensor, mm_types: torch.Tensor, attention_ma
     rope_delta = (last position + 1) - (number of tokens) = 6 - 9 = -3: decoding continues at index + delta.
     Padding positions stay 0 (they are masked out).
 
-    NOTE: after a video we follow the released model (and transformers 4.x): cur += max(t, gh, gw). transformers
-    5.23 advances by max(gh, gw) only, which differs when a video has more temporal pairs than max(gh, gw).
+    NOTE: after a video we follow the released model (and transformers 4.x): cur += max(t, gh, gw).
+    transformers 5.23 advances by max(gh, gw) only, which differs when a video has more temporal pairs than
+    max(gh, gw).
     """
     B, T = input_ids.shape
     types, keep = mm_types.cpu(), attention_mask.cpu().bool()
-    grids = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
-             2: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}  # fmt: skip
+    grids = {
+        1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+        2: iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
+    }
     pos = torch.zeros(3, B, T, dtype=torch.long)
     delta = torch.zeros(B, dtype=torch.long)
     for b in range(B):
@@ -651,7 +702,9 @@ def get_rope_index(input_ids: torch.Tensor, mm_types: torch.Tensor, attention_ma
             t, h, w = next(grids[row[i]])
             gh, gw = h // merge, w // merge
             n = t * gh * gw
-            assert row[i : i + n] == [row[i]] * n, "each vision block must have one placeholder per merged token"
+            assert row[i : i + n] == [row[i]] * n, (
+                "each vision block must have one placeholder per merged token"
+            )
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
             out.append(cur + torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]))
             cur, i = cur + max(t, gh, gw), i + n
@@ -689,20 +742,24 @@ class Qwen2VL(nn.Module):
         self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None) -> torch.Tensor:  # fmt: skip
+    def embed(
+        self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None
+    ) -> torch.Tensor:
         """Token embeddings with the vision features written over the placeholder tokens, in order."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         merge = self.cfg.vision_config.spatial_merge_size
-        for what, pixels, grid, token_id in (("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
-                                             ("video", pixel_values_videos, video_grid_thw,
-                                              self.cfg.video_token_id)):  # fmt: skip
+        for what, pixels, grid, token_id in (
+            ("image", pixel_values, image_grid_thw, self.cfg.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id),
+        ):
             is_pad = input_ids == token_id
             need = 0 if grid is None else int(grid.prod(-1).sum()) // merge**2
             have = int(is_pad.sum())
             if have != need or (pixels is None) != (grid is None):
-                raise ValueError(f"the prompt has {have} {what} placeholder tokens but the {what}s' grids give "
-                                 f"{need} features: pass the processor's output unchanged")  # fmt: skip
+                raise ValueError(
+                    f"the prompt has {have} {what} placeholder tokens but the {what}s' grids give "
+                    f"{need} features: pass the processor's output unchanged"
+                )
             if pixels is not None:
                 feats = self.visual(pixels.to(x.dtype), grid.cpu())  # (need, D)
                 x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))
@@ -714,12 +771,21 @@ class Qwen2VL(nn.Module):
                 input_ids == self.cfg.video_token_id
             ).long()
         merge = self.cfg.vision_config.spatial_merge_size
-        pos, delta = get_rope_index(input_ids, mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw,
-                                    merge)  # fmt: skip
+        pos, delta = get_rope_index(
+            input_ids, mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw, merge
+        )
         return pos.to(input_ids.device), delta.to(input_ids.device)
 
-    def forward(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
-                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        mm_token_type_ids=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+    ) -> torch.Tensor:
         """The full forward pass without a cache: logits (B, T, V). Differentiable."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -729,10 +795,25 @@ class Qwen2VL(nn.Module):
         return self.lm_head(self.model(x, pos3, mask))
 
     @torch.inference_mode()
-    def generate(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
-                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, eos_token_ids: list[int] | None = None, streamer=None) -> torch.Tensor:  # fmt: skip
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        mm_token_type_ids=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_ids: list[int] | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
         B, T = input_ids.shape
         if attention_mask is None:
@@ -740,17 +821,25 @@ class Qwen2VL(nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        pos3, delta = self.positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw)
+        pos3, delta = self.positions(
+            input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw
+        )
         tc = self.cfg.text_config
         S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
-        caches = [KVCache(B, tc.num_key_value_heads, S_max, tc.hidden_size // tc.num_attention_heads, x.device,
-                          x.dtype) for _ in range(tc.num_hidden_layers)]  # fmt: skip
+        caches = [
+            KVCache(
+                B, tc.num_key_value_heads, S_max, tc.hidden_size // tc.num_attention_heads, x.device, x.dtype
+            )
+            for _ in range(tc.num_hidden_layers)
+        ]
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
         keep[:, :T] = attention_mask.bool()
         h = self.model(x, pos3, causal_padding_mask(keep[:, :T], T), caches, 0)
         first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
         if not bool(torch.isfinite(first).all()):
-            raise RuntimeError("the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32")
+            raise RuntimeError(
+                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
+            )
         n_real = attention_mask.sum(1)  # (B,)
 
         def step(token: torch.Tensor, i: int) -> torch.Tensor:
@@ -760,10 +849,13 @@ class Qwen2VL(nn.Module):
             h = self.model(self.model.embed_tokens(token), p, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 
-        settings = common.GenerationSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        return common.generate_loop(first, step, input_ids, attention_mask, settings, eos, self.pad_token_id,
-                                    streamer, self.tokenizer)  # fmt: skip
+        return common.generate_loop(
+            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
+        )
 
 
 # ==========================================================================================================
@@ -772,8 +864,8 @@ class Qwen2VL(nn.Module):
 
 
 def rename(key: str) -> str | None:
-    """Checkpoint key -> our name. Ours are the published layout (`visual.*`, `model.*`, `lm_head.*`, also what
-    transformers 5.23 writes); fine-tunes saved by transformers 4.52-4.57 use `model.visual.*` and
+    """Checkpoint key -> our name. Ours are the published layout (`visual.*`, `model.*`, `lm_head.*`, also
+    what transformers 5.23 writes); fine-tunes saved by transformers 4.52-4.57 use `model.visual.*` and
     `model.language_model.*`, and 5.10-5.23 had a doubled `model.language_model.model.*` prefix."""
     if key.endswith("rotary_emb.inv_freq"):
         return None  # old checkpoints carry the rotary table; we compute it
@@ -809,7 +901,9 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Chat with Qwen2-VL about images and videos.")
-    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a local directory")
+    ap.add_argument(
+        "--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a local directory"
+    )
     ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
     ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     ap.add_argument("--prompt", required=True)
@@ -823,7 +917,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--min-pixels", type=int, default=None, help="lower bound on an image's resized area")
-    ap.add_argument("--max-pixels", type=int, default=None, help="upper bound (tokens per image = pixels / 784)")
+    ap.add_argument(
+        "--max-pixels", type=int, default=None, help="upper bound (tokens per image = pixels / 784)"
+    )
     ap.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
     ap.add_argument("--fps", type=float, default=None, help="frames per second sampled (default 2)")
     ap.add_argument("--show-prompt", action="store_true", help="print the rendered prompt to stderr")
@@ -852,9 +948,12 @@ def main(argv: list[str] | None = None) -> None:
         for i, g in enumerate(inputs.get(key, [])):
             print(f"{what} {i + 1}: grid {g.tolist()} -> {int(g.prod()) // 4} tokens", file=sys.stderr)
     inputs = {k: v.to(model.lm_head.weight.device) for k, v in inputs.items()}
-    print(f"sampling: temperature={a.temperature} top_k={a.top_k} top_p={a.top_p} "
-          f"repetition_penalty={a.repetition_penalty} (command-line values; the checkpoint's "
-          f"generation_config.json is read for EOS ids only)", file=sys.stderr)  # fmt: skip
+    print(
+        f"sampling: temperature={a.temperature} top_k={a.top_k} top_p={a.top_p} "
+        f"repetition_penalty={a.repetition_penalty} (command-line values; the checkpoint's "
+        f"generation_config.json is read for EOS ids only)",
+        file=sys.stderr,
+    )
     first: list[float] = []
 
     def streamer(piece: str) -> None:
@@ -862,17 +961,37 @@ def main(argv: list[str] | None = None) -> None:
         print(piece, end="", flush=True)
 
     t0 = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                         top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer)  # fmt: skip
+    out = model.generate(
+        **inputs,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        streamer=streamer,
+    )
     t1 = time.perf_counter()
     print()
     n = out.shape[1]
     ttft = (first[0] if first else t1) - t0
     rate = (n - 1) / (t1 - t0 - ttft) if n > 1 and t1 - t0 > ttft else float("nan")
     n_vis = int((inputs["mm_token_type_ids"] > 0).sum())
-    print(json.dumps({"model": a.model, "device": str(model.lm_head.weight.device), "dtype": str(model.lm_head.weight.dtype),
-                      "prompt_tokens": inputs["input_ids"].shape[1], "visual_tokens": n_vis, "new_tokens": n,
-                      "ttft_s": round(ttft, 3), "tokens_per_s": round(rate, 2)}), file=sys.stderr)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "model": a.model,
+                "device": str(model.lm_head.weight.device),
+                "dtype": str(model.lm_head.weight.dtype),
+                "prompt_tokens": inputs["input_ids"].shape[1],
+                "visual_tokens": n_vis,
+                "new_tokens": n,
+                "ttft_s": round(ttft, 3),
+                "tokens_per_s": round(rate, 2),
+            }
+        ),
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 24) -> None:
         stream.options = {"qscale": "3"}
         container.start_encoding()  # writes the header even when there is no frame
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -89,7 +89,7 @@ def test_smart_resize_rules():
 @pytest.mark.parametrize("name", list(IMAGE_SIZES))
 def test_image_processor_matches(ours, ref, name):
     img = image(name)
-    got = ours[1]([f"<|vision_start|><|image_pad|><|vision_end|>"], images=[img])
+    got = ours[1](["<|vision_start|><|image_pad|><|vision_end|>"], images=[img])
     want = ref[0].image_processor(images=[img], return_tensors="pt")
     assert got["image_grid_thw"].tolist() == want["image_grid_thw"].tolist()
     assert max_diff(got["pixel_values"], want["pixel_values"]) <= 1e-5
@@ -105,8 +105,11 @@ def test_image_modes_match(ours, ref):
         assert max_diff(got["pixel_values"], want["pixel_values"]) <= 1e-5
 
 
-@pytest.mark.parametrize("frames", [VIDEO, list(VIDEO[:4]), [Image.fromarray(f) for f in VIDEO[:3]]],
-                         ids=["array_odd", "list_of_arrays", "list_of_pil"])  # fmt: skip
+@pytest.mark.parametrize(
+    "frames",
+    [VIDEO, list(VIDEO[:4]), [Image.fromarray(f) for f in VIDEO[:3]]],
+    ids=["array_odd", "list_of_arrays", "list_of_pil"],
+)
 def test_video_processor_matches(ours, ref, frames):
     got = ours[1].preprocess_videos([frames])
     want = ref[0].video_processor(videos=[frames], return_tensors="pt")
@@ -115,8 +118,16 @@ def test_video_processor_matches(ours, ref, frames):
 
 
 def batch_prompts(proc):
-    rows = [user(text="Hello there, how are you?"), user("image"), user("image", "image", "video", text="Compare.")]
-    return [proc.apply_chat_template(m) for m in rows], [image("photo"), image("odd", 1), image("very_wide", 2)]
+    rows = [
+        user(text="Hello there, how are you?"),
+        user("image"),
+        user("image", "image", "video", text="Compare."),
+    ]
+    return [proc.apply_chat_template(m) for m in rows], [
+        image("photo"),
+        image("odd", 1),
+        image("very_wide", 2),
+    ]
 
 
 @pytest.mark.parametrize("layout", ["hf5", "hub", "v4_52"])
@@ -124,7 +135,9 @@ def test_processor_batch_matches(dirs, ref, layout):
     _, proc = qwen2_vl.load(dirs[layout])
     texts, images = batch_prompts(proc)
     got = proc(text=texts, images=images, videos=[VIDEO])
-    want = ref[0](text=texts, images=images, videos=[VIDEO], padding=True, padding_side="left", return_tensors="pt")
+    want = ref[0](
+        text=texts, images=images, videos=[VIDEO], padding=True, padding_side="left", return_tensors="pt"
+    )
     assert sorted(got) == sorted(want.keys())
     for k in want:
         assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
@@ -135,11 +148,15 @@ CHATS = {
     "text_only": [{"role": "user", "content": "Hi! 你好"}],
     "one_image": user("image"),
     "two_images_and_video": user("image", "image", "video", text="What changed?"),
-    "multi_turn": user("image") + [{"role": "assistant", "content": "A photo."},
-                                   {"role": "user", "content": [{"type": "text", "text": "More detail."}]}],
+    "multi_turn": user("image")
+    + [
+        {"role": "assistant", "content": "A photo."},
+        {"role": "user", "content": [{"type": "text", "text": "More detail."}]},
+    ],
     "system": [{"role": "system", "content": "Be brief."}] + user("video"),
-    "system_list_content": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + user("image"),
-}  # fmt: skip
+    "system_list_content": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+    + user("image"),
+}
 
 
 @pytest.mark.parametrize("name", list(CHATS))
@@ -220,16 +237,24 @@ def test_cache_equals_full_forward(ours, monkeypatch):
     """Logits of every cached decode step equal the full no-cache forward over prompt + generated tokens
     (two left-padded rows with images of different sizes: exercises padding, rope_delta and the cache)."""
     model, proc = ours
-    texts = [proc.apply_chat_template(user("image")), proc.apply_chat_template(user("image", text="Be brief, ok?"))]
+    texts = [
+        proc.apply_chat_template(user("image")),
+        proc.apply_chat_template(user("image", text="Be brief, ok?")),
+    ]
     inputs = proc(text=texts, images=[image("photo"), image("very_wide", 3)])
     seen = []
     real_sample = common.sample
-    monkeypatch.setattr(common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a))
+    monkeypatch.setattr(
+        common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a)
+    )
     new = model.generate(**inputs, max_new_tokens=10, eos_token_ids=[])
     T = inputs["input_ids"].shape[1]
-    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new], 1),
-                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
-                mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new)], 1))  # fmt: skip
+    full = dict(
+        inputs,
+        input_ids=torch.cat([inputs["input_ids"], new], 1),
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
+        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new)], 1),
+    )
     with torch.no_grad():
         logits = model(**full)
     for i, step_logits in enumerate(seen):
@@ -237,13 +262,24 @@ def test_cache_equals_full_forward(ours, monkeypatch):
 
 
 def test_rope_index_matches_reference(ours, ref):
-    """Positions equal transformers' on images and on a video whose frame pairs do not exceed its grid sides."""
+    """Positions equal transformers' on images and on a video whose frame pairs do not exceed its grid
+    sides."""
     texts, images = batch_prompts(ours[1])
     got = ours[1](text=texts, images=images, videos=[VIDEO])
-    pos, delta = ours[0].positions(got["input_ids"], got["attention_mask"], got["mm_token_type_ids"],
-                                   got["image_grid_thw"], got["video_grid_thw"])  # fmt: skip
-    rpos, rdelta = ref[1].model.get_rope_index(got["input_ids"], got["mm_token_type_ids"], got["image_grid_thw"],
-                                               got["video_grid_thw"], got["attention_mask"])  # fmt: skip
+    pos, delta = ours[0].positions(
+        got["input_ids"],
+        got["attention_mask"],
+        got["mm_token_type_ids"],
+        got["image_grid_thw"],
+        got["video_grid_thw"],
+    )
+    rpos, rdelta = ref[1].model.get_rope_index(
+        got["input_ids"],
+        got["mm_token_type_ids"],
+        got["image_grid_thw"],
+        got["video_grid_thw"],
+        got["attention_mask"],
+    )
     keep = got["attention_mask"].bool()
     assert torch.equal(pos[:, keep], rpos[:, keep]) and delta.tolist() == rdelta.flatten().tolist()
 
@@ -292,13 +328,27 @@ def test_real_config_shapes(name):
 def test_cli_streams_the_generated_text(dirs, ours, tmp_path):
     path = tmp_path / "photo.png"
     image("photo").save(path)
-    cmd = [sys.executable, str(ROOT / "qwen2_vl.py"), "--model", str(dirs["hub"]), "--image", str(path),
-           "--prompt", "Describe this image.", "--max-new-tokens", "12", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "qwen2_vl.py"),
+        "--model",
+        str(dirs["hub"]),
+        "--image",
+        str(path),
+        "--prompt",
+        "Describe this image.",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     model, proc = ours
-    inputs = proc(text=proc.apply_chat_template(user("image", text="Describe this image.")),
-                  images=[common.load_image(path)])  # fmt: skip
+    inputs = proc(
+        text=proc.apply_chat_template(user("image", text="Describe this image.")),
+        images=[common.load_image(path)],
+    )
     ids = model.generate(**inputs, max_new_tokens=12)
     assert run.stdout == proc.decode(ids[0]) + "\n"
     summary = json.loads(run.stderr.strip().splitlines()[-1])
@@ -307,10 +357,21 @@ def test_cli_streams_the_generated_text(dirs, ours, tmp_path):
 
 
 def test_cli_reports_bad_input_cleanly(dirs, tmp_path):
-    cmd = [sys.executable, str(ROOT / "qwen2_vl.py"), "--model", str(dirs["hf5"]), "--image",
-           str(tmp_path / "nope.png"), "--prompt", "x"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "qwen2_vl.py"),
+        "--model",
+        str(dirs["hf5"]),
+        "--image",
+        str(tmp_path / "nope.png"),
+        "--prompt",
+        "x",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1] == f"error: image file not found: {tmp_path}/nope.png"
+    assert (
+        run.returncode != 0
+        and run.stderr.strip().splitlines()[-1] == f"error: image file not found: {tmp_path}/nope.png"
+    )
 
 
 def test_bad_inputs(dirs, ours, tmp_path):

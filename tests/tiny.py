@@ -1,13 +1,13 @@
 """Tiny random-weight checkpoints in the real file layouts, for parity tests against transformers.
 
 Reusable by every model: `make_tokenizer` (a byte-level BPE tokenizer.json with the model's special tokens),
-`randomize_` (every parameter random: several inits are zero and would hide bugs), `write_safetensors` (one file
-or shards with an index, in any key layout) and `synthetic_image` / `synthetic_video` (smooth, non-constant
-content). One builder per model family writes the directories its tests use.
+`randomize_` (every parameter random: several inits are zero and would hide bugs), `write_safetensors` (one
+file or shards with an index, in any key layout) and `synthetic_image` / `synthetic_video` (smooth,
+non-constant content). One builder per model family writes the directories its tests use.
 
-NOTE: the tokenizers library renumbers explicit ids of added tokens, so the special tokens keep their real names
-but get small ids (right after the base vocabulary); the tiny configs carry those ids. The real-config shape tests
-cover the published sizes.
+NOTE: the tokenizers library renumbers explicit ids of added tokens, so the special tokens keep their real
+names but get small ids (right after the base vocabulary); the tiny configs carry those ids. The real-config
+shape tests cover the published sizes.
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ def make_tokenizer(path: Path, specials: list[str], vocab_size: int = 320) -> di
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=specials, show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=specials,
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.save(str(path / "tokenizer.json"))
     return {s: tok.token_to_id(s) for s in specials}
@@ -76,7 +80,7 @@ def synthetic_image(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndar
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     chans = []
-    for c in range(channels):
+    for _ in range(channels):
         fx, fy, ph = rng.uniform(0.01, 0.2), rng.uniform(0.01, 0.2), rng.uniform(0, 6.28)
         chans.append(127 + 100 * np.sin(fx * x + fy * y + ph) + rng.normal(0, 12, (h, w)))
     return np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8)
@@ -90,8 +94,16 @@ def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Qwen2-VL
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 QWEN_TEMPLATE = (Path(__file__).parent / "data" / "qwen2_vl" / "chat_template.jinja").read_text()
 QWEN_IMAGE_PIXELS = (56 * 56, 28 * 28 * 64)  # min, max: at most 64 tokens per image keeps the tests fast
 QWEN_VIDEO_PIXELS = (56 * 56, 28 * 28 * 16)
@@ -101,17 +113,37 @@ def qwen2_vl_hf_config(ids: dict[str, int], vocab: int):
     from transformers import Qwen2VLConfig
 
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, mlp_ratio=2, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            num_heads=4,
+            hidden_size=64,
+            mlp_ratio=2,
+            in_channels=3,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -119,33 +151,61 @@ def qwen2_vl_hf_config(ids: dict[str, int], vocab: int):
 def build_qwen2_vl(root: Path) -> dict[str, Path]:
     """Three directories holding the same weights:
     - "hf5": what transformers 5.23 `save_pretrained` writes (nested config, processor_config.json, .jinja);
-    - "hub": the published layout (flat config.json with rope_scaling, preprocessor_config.json without a video
+    - "hub": the published layout (flat config.json with rope_scaling, preprocessor_config.json without a
+    video
       file, chat_template.json, two safetensors shards with an index, no lm_head as it is tied);
     - "v4_52": keys as transformers 4.52-4.57 fine-tunes save them (model.visual.*, model.language_model.*,
       lm_head.weight written out)."""
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers import Qwen2VLVideoProcessor
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     dirs = {k: root / f"qwen2_vl_{k}" for k in ("hf5", "hub", "v4_52")}
     hf5 = dirs["hf5"]
     hf5.mkdir(parents=True, exist_ok=True)
     ids = make_tokenizer(hf5, QWEN_SPECIALS)
     vocab = json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]
-    (hf5 / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer",
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "bos_token": None}))  # fmt: skip
+    (hf5 / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "bos_token": None,
+            }
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(hf5)
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=QWEN_IMAGE_PIXELS[0], max_pixels=QWEN_IMAGE_PIXELS[1]),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=QWEN_VIDEO_PIXELS[0], max_pixels=QWEN_VIDEO_PIXELS[1]),
-        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)  # fmt: skip
+        image_processor=Qwen2VLImageProcessor(
+            min_pixels=QWEN_IMAGE_PIXELS[0], max_pixels=QWEN_IMAGE_PIXELS[1]
+        ),
+        video_processor=Qwen2VLVideoProcessor(
+            min_pixels=QWEN_VIDEO_PIXELS[0], max_pixels=QWEN_VIDEO_PIXELS[1]
+        ),
+        tokenizer=tokenizer,
+        chat_template=QWEN_TEMPLATE,
+    )
     processor.save_pretrained(hf5)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(qwen2_vl_hf_config(ids, len(vocab))).eval()
     randomize_(model)
     model.save_pretrained(hf5)
-    gen = {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
-           "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "repetition_penalty": 1.0,
-           "temperature": 0.01, "top_p": 0.001, "top_k": 1}  # as the published file (near-greedy)  # fmt: skip
+    gen = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "do_sample": True,
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "repetition_penalty": 1.0,
+        "temperature": 0.01,
+        "top_p": 0.001,
+        "top_k": 1,
+    }  # as the published file (near-greedy)
     (hf5 / "generation_config.json").write_text(json.dumps(gen))
 
     saved = json.loads((hf5 / "config.json").read_text())
@@ -154,36 +214,79 @@ def build_qwen2_vl(root: Path) -> dict[str, Path]:
     state = load_file(str(hf5 / "model.safetensors"))
     # The published flat config.json, written the way the Qwen repos ship it.
     t = saved["text_config"]
-    flat = {k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                              "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
-                              "hidden_act", "bos_token_id", "eos_token_id")}  # fmt: skip
-    flat.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", rope_theta=1e6,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=True,
-                use_sliding_window=False, sliding_window=4096, max_window_layers=2, torch_dtype="float32",
-                image_token_id=saved["image_token_id"], video_token_id=saved["video_token_id"],
-                vision_start_token_id=saved["vision_start_token_id"], vision_end_token_id=saved["vision_end_token_id"],
-                vision_token_id=ids["<|vision_pad|>"])  # fmt: skip
+    flat = {
+        k: t[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "hidden_act",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    }
+    flat.update(
+        architectures=["Qwen2VLForConditionalGeneration"],
+        model_type="qwen2_vl",
+        rope_theta=1e6,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=4096,
+        max_window_layers=2,
+        torch_dtype="float32",
+        image_token_id=saved["image_token_id"],
+        video_token_id=saved["video_token_id"],
+        vision_start_token_id=saved["vision_start_token_id"],
+        vision_end_token_id=saved["vision_end_token_id"],
+        vision_token_id=ids["<|vision_pad|>"],
+    )
     v = saved["vision_config"]
-    flat["vision_config"] = {"depth": v["depth"], "embed_dim": v["embed_dim"], "mlp_ratio": v["mlp_ratio"],
-                             "num_heads": v["num_heads"], "in_chans": 3, "hidden_size": v["hidden_size"],
-                             "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-                             "temporal_patch_size": 2}  # fmt: skip
+    flat["vision_config"] = {
+        "depth": v["depth"],
+        "embed_dim": v["embed_dim"],
+        "mlp_ratio": v["mlp_ratio"],
+        "num_heads": v["num_heads"],
+        "in_chans": 3,
+        "hidden_size": v["hidden_size"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "temporal_patch_size": 2,
+    }
     for name in ("hub", "v4_52"):
         d = dirs[name]
         d.mkdir(exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             (d / f).write_text((hf5 / f).read_text())
-        (d / "preprocessor_config.json").write_text(json.dumps({
-            "min_pixels": QWEN_IMAGE_PIXELS[0], "max_pixels": QWEN_IMAGE_PIXELS[1], "patch_size": 14,
-            "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor"}))  # fmt: skip
+        (d / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "min_pixels": QWEN_IMAGE_PIXELS[0],
+                    "max_pixels": QWEN_IMAGE_PIXELS[1],
+                    "patch_size": 14,
+                    "temporal_patch_size": 2,
+                    "merge_size": 2,
+                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                    "image_std": [0.26862954, 0.26130258, 0.27577711],
+                    "image_processor_type": "Qwen2VLImageProcessor",
+                    "processor_class": "Qwen2VLProcessor",
+                }
+            )
+        )
         (d / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
     (dirs["hub"] / "config.json").write_text(json.dumps(flat, indent=2))
     write_safetensors(state, dirs["hub"], shards=2)
     (dirs["v4_52"] / "config.json").write_text(json.dumps(saved, indent=2))
-    v452 = {re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", k)): t
-            for k, t in state.items()}  # fmt: skip
+    v452 = {
+        re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", k)): t
+        for k, t in state.items()
+    }
     v452["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     write_safetensors(v452, dirs["v4_52"])
     return dirs

@@ -5,7 +5,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_to_tensor  # noqa: F401
 
 
-def resize(image: torch.Tensor, size, interpolation=InterpolationMode.BILINEAR, antialias=True) -> torch.Tensor:
+def resize(
+    image: torch.Tensor, size, interpolation=InterpolationMode.BILINEAR, antialias=True
+) -> torch.Tensor:
     mode = InterpolationMode(interpolation).value
     if mode not in ("bilinear", "bicubic", "nearest", "nearest-exact"):
         raise NotImplementedError(f"torchvision stand-in: resize mode {mode} is not reproduced")
@@ -16,7 +18,9 @@ def resize(image: torch.Tensor, size, interpolation=InterpolationMode.BILINEAR, 
     if x.dtype == torch.uint8 and mode in ("bilinear", "bicubic"):
         out = F.interpolate(x, size=list(size), mode=mode, antialias=aa, **kw)
     else:
-        out = F.interpolate(x.float() if not x.is_floating_point() else x, size=list(size), mode=mode, antialias=aa, **kw)
+        out = F.interpolate(
+            x.float() if not x.is_floating_point() else x, size=list(size), mode=mode, antialias=aa, **kw
+        )
         out = out.round().clamp(0, 255).to(x.dtype) if not x.is_floating_point() else out
     return out.reshape(*shape[:-2], *out.shape[-2:])
 

@@ -1,0 +1,246 @@
+"""common.py: loader errors, sampling, the generation loop, streaming decode, media I/O."""
+
+import base64
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import make_video  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
+class Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Linear(4, 5, bias=False)
+
+
+def test_load_weights_strict(tmp_path):
+    good = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4), "head.weight": torch.randn(5, 4)}
+
+    def load(state, rename=lambda k: k, tied=None):
+        for f in tmp_path.glob("*.safetensors"):
+            f.unlink()
+        save_file(state, str(tmp_path / "model.safetensors"))
+        with torch.device("meta"):
+            m = Two()
+        common.load_weights(m, tmp_path, rename, torch.device("cpu"), torch.float32, tied)
+        return m
+
+    m = load(good)
+    assert torch.equal(m.a.weight, good["a.weight"]) and m.a.weight.device.type == "cpu"
+    with pytest.raises(ValueError, match=r"1 missing: head.weight"):
+        load({k: v for k, v in good.items() if k != "head.weight"})
+    with pytest.raises(ValueError, match=r"1 unexpected: extra.weight"):
+        load({**good, "extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"wrong shape: a.bias: checkpoint \(5,\) vs model \(4,\)"):
+        load({**good, "a.bias": torch.zeros(5)})
+    # rename can drop keys; tied parameters end up as one Parameter, cast once
+    sq = {"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4), "junk": torch.zeros(1)}
+    save_file(sq, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        m = torch.nn.Module()
+        m.a = torch.nn.Linear(4, 4)
+        m.head = torch.nn.Linear(4, 4, bias=False)
+    common.load_weights(
+        m,
+        tmp_path,
+        lambda k: None if k == "junk" else k,
+        torch.device("cpu"),
+        torch.bfloat16,
+        tied={"head.weight": "a.weight"},
+    )
+    assert m.head.weight is m.a.weight and m.a.weight.dtype == torch.bfloat16
+
+
+def test_sharded_checkpoint_and_missing_files(tmp_path):
+    state = {f"w{i}": torch.full((2,), float(i)) for i in range(5)}
+    tiny.write_safetensors(state, tmp_path, shards=3)
+    names = common.read_safetensors_names(tmp_path)
+    assert sorted(names) == sorted(state) and len(set(names.values())) == 3
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        common.read_safetensors_names(tmp_path / "nothing_here")
+
+
+def test_checkpoint_dir_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        common.checkpoint_dir(tmp_path / "missing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="--model DIR"):
+        common.checkpoint_dir("someone/some-model-that-is-not-cached")
+
+
+def test_model_type_check():
+    common.check_model_type({"model_type": "qwen2_vl"}, "qwen2_vl", "qwen2_vl.py")
+    with pytest.raises(ValueError, match="model_type='video_llava'.*use video_llava.py"):
+        common.check_model_type({"model_type": "video_llava"}, "qwen2_vl", "qwen2_vl.py")
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        common.check_model_type({"model_type": "llama"}, "qwen2_vl", "qwen2_vl.py")
+
+
+def test_pick_dtype():
+    cpu = torch.device("cpu")
+    assert common.pick_dtype(None, cpu) == torch.float32
+    assert common.pick_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert common.pick_dtype("bf16", cpu) == torch.bfloat16
+    for bad in ("int8", torch.int8, "float64"):
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            common.pick_dtype(bad, cpu)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling and the generation loop
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert common.sample(logits).item() == 0
+    g = torch.Generator().manual_seed(0)
+    draws = {common.sample(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1}
+    # softmax([3, 2, 1, 0, -1]) = [.636, .234, .086, .032, .012]: top_p=0.8 keeps {0, 1} (0.636 < 0.8 <= 0.87)
+    draws = {common.sample(logits, temperature=1.0, top_p=0.8, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1}
+    draws = {common.sample(logits, temperature=1.0, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert draws == {0}
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.1]])
+    seen = torch.tensor([[True, False, True, False]])
+    assert common.sample(logits, seen, repetition_penalty=2.0).item() == 1  # 2.0 -> 1.0 loses to 1.9
+    seen = torch.tensor([[False, False, True, False]])
+    logits = torch.tensor([[-5.0, -5.0, -1.0, -1.5]])
+    assert common.sample(logits, seen, repetition_penalty=2.0).item() == 3  # -1.0 -> -2.0 loses to -1.5
+
+
+def test_generate_loop_stops_rows_and_pads():
+    V, eos, pad = 6, 5, 0
+    script = torch.tensor([[1, 2, 5, 3, 3, 3, 3, 3, 3, 3], [2, 2, 2, 2, 5, 1, 1, 1, 1, 1]])
+
+    def onehot(col):
+        return torch.nn.functional.one_hot(script[:, col], V).float()
+
+    out = common.generate_loop(
+        onehot(0),
+        lambda tok, i: onehot(i + 1),
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 3),
+        common.GenerationSettings(max_new_tokens=10),
+        [eos],
+        pad,
+    )
+    assert out.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]]
+    out = common.generate_loop(
+        onehot(0),
+        lambda tok, i: onehot(i + 1),
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 3),
+        common.GenerationSettings(max_new_tokens=4),
+        [],
+        pad,
+    )
+    assert out.tolist() == script[:, :4].tolist()
+
+
+def test_streaming_decode_is_utf8_safe(tmp_path):
+    tiny.make_tokenizer(tmp_path, ["<|im_end|>"])
+    tok = common.Tokenizer(tmp_path / "tokenizer.json")
+    text = "你好，世界。这是一张图片。 émigré 🙂 ✓"
+    ids = tok.encode(text)
+    assert len(ids) > len(text) // 2  # byte-level pieces split multi-byte characters
+    push = tok.stream()
+    pieces = [push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    with pytest.raises(ValueError, match="not in this tokenizer.json"):
+        tok.token_id("<|not_there|>")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Media
+
+
+def test_load_image_sources(tmp_path):
+    arr = tiny.synthetic_image(30, 40)
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    data_uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    for src in (str(path), path, data_uri, Image.fromarray(arr), arr):
+        assert np.array_equal(np.asarray(common.load_image(src)), arr)
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        common.load_image(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="not a readable image"):
+        common.load_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="uint8"):
+        common.load_image(arr.astype(np.float32))
+
+
+def test_exif_orientation_and_alpha(tmp_path):
+    arr = tiny.synthetic_image(20, 50)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    (tmp_path / "rot.jpg").write_bytes(buf.getvalue())
+    assert common.load_image(tmp_path / "rot.jpg").size == (20, 50)  # width, height after rotation
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    out = np.asarray(common.load_image(Image.fromarray(rgba, "RGBA")))
+    assert out[0, 0].tolist() == [200, 0, 0] and out[3, 0].tolist() == [255, 255, 255]
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    frames = np.stack([np.full((32, 48, 3), 6 * i, np.uint8) for i in range(40)])
+    make_video.write_video(path, frames, fps=20)
+    return path
+
+
+def test_load_video_sampling(video_file):
+    everything = common.load_video(video_file, num_frames=40)
+    assert everything.indices == list(range(40)) and everything.total_frames == 40 and everything.fps == 20.0
+    v = common.load_video(video_file, num_frames=4)  # sparse: seeks to each frame
+    assert (
+        v.indices == [0, 10, 20, 30]
+        and v.timestamps == [0.0, 0.5, 1.0, 1.5]
+        and v.frames.shape == (4, 32, 48, 3)
+    )
+    dense = common.load_video(video_file, num_frames=30)  # dense: one pass
+    for got in (v, dense):
+        assert np.array_equal(got.frames, everything.frames[got.indices])  # the right frames, seek or not
+    assert common.load_video(video_file, fps=4).indices == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert len(common.load_video(video_file, num_frames=100).indices) == 40  # clamped to what the file has
+
+
+def test_load_video_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="video file not found"):
+        common.load_video(tmp_path / "missing.mp4")
+    (tmp_path / "bad.mp4").write_bytes(b"garbage" * 50)
+    with pytest.raises(ValueError, match="not a readable video"):
+        common.load_video(tmp_path / "bad.mp4")
+    make_video.write_video(tmp_path / "empty.mp4", np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="no video frames"):
+        common.load_video(tmp_path / "empty.mp4")
