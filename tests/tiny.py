@@ -109,29 +109,46 @@ QWEN_IMAGE_PIXELS = (56 * 56, 28 * 28 * 64)  # min, max: at most 64 tokens per i
 QWEN_VIDEO_PIXELS = (56 * 56, 28 * 28 * 16)
 
 
-def qwen2_vl_hf_config(ids: dict[str, int], vocab: int):
+QWEN_SIZES = {  # text (D, layers, heads, kv heads, FFN), vision (depth, width, heads)
+    "tiny": ((64, 2, 4, 2, 128), (2, 32, 4)),
+    "small": ((512, 8, 8, 2, 1536), (6, 384, 6)),
+}
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """The published [16, 24, 24] split of head_dim / 2 = 64 frequencies, scaled: 1/4 t, 3/8 h, 3/8 w."""
+    q = head_dim // 16
+    return [2 * q, 3 * q, 3 * q]
+
+
+def qwen2_vl_hf_config(ids: dict[str, int], vocab: int, size: str = "tiny"):
     from transformers import Qwen2VLConfig
 
+    (D, n_layers, H, Hkv, ffn), (depth, Dv, Hv) = QWEN_SIZES[size]
     cfg = Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            hidden_size=D,
+            intermediate_size=ffn,
+            num_hidden_layers=n_layers,
+            num_attention_heads=H,
+            num_key_value_heads=Hkv,
             rms_norm_eps=1e-6,
             max_position_embeddings=4096,
             tie_word_embeddings=True,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": mrope_section(D // H),
+            },
         ),
         vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            num_heads=4,
-            hidden_size=64,
+            depth=depth,
+            embed_dim=Dv,
+            num_heads=Hv,
+            hidden_size=D,
             mlp_ratio=2,
             in_channels=3,
             patch_size=14,
@@ -148,7 +165,7 @@ def qwen2_vl_hf_config(ids: dict[str, int], vocab: int):
     return cfg
 
 
-def build_qwen2_vl(root: Path) -> dict[str, Path]:
+def build_qwen2_vl(root: Path, size: str = "tiny") -> dict[str, Path]:
     """Three directories holding the same weights:
     - "hf5": what transformers 5.23 `save_pretrained` writes (nested config, processor_config.json, .jinja);
     - "hub": the published layout (flat config.json with rope_scaling, preprocessor_config.json without a
@@ -193,7 +210,7 @@ def build_qwen2_vl(root: Path) -> dict[str, Path]:
     )
     processor.save_pretrained(hf5)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(qwen2_vl_hf_config(ids, len(vocab))).eval()
+    model = Qwen2VLForConditionalGeneration(qwen2_vl_hf_config(ids, len(vocab), size)).eval()
     randomize_(model)
     model.save_pretrained(hf5)
     gen = {
@@ -234,7 +251,7 @@ def build_qwen2_vl(root: Path) -> dict[str, Path]:
         architectures=["Qwen2VLForConditionalGeneration"],
         model_type="qwen2_vl",
         rope_theta=1e6,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        rope_scaling={"type": "mrope", "mrope_section": t["rope_parameters"]["mrope_section"]},
         tie_word_embeddings=True,
         use_sliding_window=False,
         sliding_window=4096,

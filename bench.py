@@ -1,0 +1,139 @@
+"""Side-by-side speed of our model and transformers on the same random weights.
+
+    python bench.py --model qwen2_vl --size small --device cpu
+    python bench.py --model qwen2_vl --size tiny --device cuda --dtype bfloat16
+
+One checkpoint is built with random weights (tests/tiny.py, the same builder as the tests) and loaded
+by both implementations. Printed per implementation: preprocessing, vision encoder, time to first token
+(vision + prompt + one token), decode tokens/s at batch 1 and 8 (EOS disabled: every run makes exactly N
+tokens) and, on CUDA, peak memory; then ours/transformers (above 1 is better for tokens/s, below 1 for times).
+Median of --repeats runs after one warm-up, the two implementations interleaved.
+Protocol: ../shared/reference/benchmark-protocol.md. Needs requirements-dev.txt (transformers).
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tests"))
+import conftest  # noqa: E402,F401  (the torchvision stand-in when the real one cannot load)
+import tiny  # noqa: E402
+
+import common  # noqa: E402
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def median_time(fn, device, repeats):
+    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
+
+
+def bench_qwen2_vl(a, device, dtype):
+    from transformers import AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
+
+    import qwen2_vl
+
+    root = Path(tempfile.mkdtemp())
+    dirs = tiny.build_qwen2_vl(root, a.size)
+    ours, proc = qwen2_vl.load(dirs["hf5"], device=device, dtype=dtype)
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(
+        dirs["hf5"], dtype=dtype, attn_implementation="sdpa"
+    )
+    ref = ref.to(device).eval()
+    hproc = AutoProcessor.from_pretrained(dirs["hf5"])
+    n_params = sum(p.numel() for p in ours.parameters())
+    img = Image.fromarray(tiny.synthetic_image(224, 224))
+    text = proc.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}],
+            }
+        ]
+    )
+    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
+    N = a.new_tokens
+    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    runs = {
+        "ours": {
+            "preprocess_s": lambda: proc(text=text, images=[img]),
+            "vision_s": lambda: ours.visual(inputs["pixel_values"].to(dtype), inputs["image_grid_thw"].cpu()),
+            "ttft_s": lambda: ours.generate(**inputs, max_new_tokens=1, eos_token_ids=[]),
+            "gen1": lambda: ours.generate(**inputs, max_new_tokens=N, eos_token_ids=[]),
+            "gen8": lambda: ours.generate(**batch, max_new_tokens=N, eos_token_ids=[]),
+        },
+        "transformers": {
+            "preprocess_s": lambda: hproc(text=text, images=[img], return_tensors="pt"),
+            "vision_s": lambda: ref.model.visual(
+                inputs["pixel_values"].to(dtype), grid_thw=inputs["image_grid_thw"]
+            ),
+            "ttft_s": lambda: ref.generate(**inputs, max_new_tokens=1, generation_config=cfg),
+            "gen1": lambda: ref.generate(**inputs, max_new_tokens=N, generation_config=cfg),
+            "gen8": lambda: ref.generate(**batch, max_new_tokens=N, generation_config=cfg),
+        },
+    }
+    print(
+        f"qwen2_vl {a.size}: {n_params / 1e6:.1f}M parameters, {device}, {dtype}, prompt "
+        f"{inputs['input_ids'].shape[1]} tokens ({int(inputs['image_grid_thw'].prod()) // 4} visual), {N} new"
+    )
+    return runs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2_vl", choices=["qwen2_vl"])
+    ap.add_argument("--size", default="small", choices=["tiny", "small"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = common.pick_device(a.device)
+    dtype = common.pick_dtype(a.dtype, device)
+    runs = bench_qwen2_vl(a, device, dtype)
+    results = {name: {} for name in runs}
+    with torch.inference_mode():
+        for name in runs:  # warm-up
+            for fn in runs[name].values():
+                fn()
+        for key in runs["ours"]:  # interleaved: ours, transformers, ours, ...
+            for name in runs:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                results[name][key] = median_time(runs[name][key], device, a.repeats)
+                if device.type == "cuda" and key == "gen1":
+                    results[name]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    for r in results.values():
+        N = a.new_tokens
+        r["decode_tok_s_b1"] = (N - 1) / max(r["gen1"] - r["ttft_s"], 1e-9)
+        r["decode_tok_s_b8"] = 8 * (N - 1) / max(r.pop("gen8") - r["ttft_s"], 1e-9)
+        r.pop("gen1")
+    keys = list(results["ours"])
+    print(f"{'':18}" + "".join(f"{k:>18}" for k in keys))
+    for name, r in results.items():
+        print(f"{name:18}" + "".join(f"{r[k]:18.4f}" for k in keys))
+    ratio = {k: results["ours"][k] / results["transformers"][k] for k in keys}
+    print(f"{'ours/transformers':18}" + "".join(f"{ratio[k]:18.2f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
