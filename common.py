@@ -1,13 +1,13 @@
 """What the five model files share that is not architecture.
 
 - tokenization: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library), UTF-8-safe
-streaming
+  streaming, `pad_batch`
 - weights: `checkpoint_dir` (Hub download of only the needed files, or a local directory), `read_json`,
   `check_model_type`, `load_weights` (safetensors shards, per-model `rename`, strict, meta device + assign)
 - generation: `sample` (greedy, temperature, top-k, top-p, repetition penalty) and `generate_loop`
   (per-row EOS, finished rows padded, streamer callback)
 - media: `load_image` (path, URL, data URI, PIL, numpy) and `load_video` (PyAV, uniform by count or fps)
-- `pick_device`, `pick_dtype`
+- `pick_device`, `pick_dtype`; the command-line options and output every model's `main()` shares
 Layers never live here: every model file defines its own, so it can be read alone.
 """
 
@@ -17,6 +17,8 @@ import base64
 import io
 import json
 import os
+import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,26 +46,17 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES.update(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`None` picks bfloat16 on CUDA and float32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}: use one of float32, bfloat16, float16")
-        dtype = DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
     if dtype == torch.float16:
         print("warning: float16 overflows in these models' activations (NaN logits); prefer bfloat16")
     return dtype
@@ -106,32 +99,32 @@ class Tokenizer:
         return lambda token_id: state.step(self.tok, int(token_id)) or ""
 
 
+def pad_batch(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> input_ids (B, T) padded with `pad_id` and attention_mask (B, T), 1 on real tokens.
+    Generation needs side="left", so that every row's last prompt token is in the last column."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        cols = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        input_ids[b, cols], attention_mask[b, cols] = torch.tensor(r, dtype=torch.long), 1
+    return input_ids, attention_mask
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and weights
 
 # Only these files are downloaded; never the `original/` folders some repos also ship.
-CHECKPOINT_FILES = [
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.json",
-    "chat_template.jinja",
-]
+CHECKPOINT_FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json"]
+CHECKPOINT_FILES += ["preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"]
+CHECKPOINT_FILES += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+CHECKPOINT_FILES += ["chat_template.json", "chat_template.jinja"]
 
 # Which file of this repository runs which `model_type`, for the "wrong file" error.
 MODEL_FILES = {
-    "qwen2_vl": "qwen2_vl.py",
-    "paligemma": "paligemma.py",
-    "llava_onevision": "llava_onevision.py",
-    "video_llava": "video_llava.py",
-    "perception_lm": "perception_lm.py",
+    t: f"{t}.py" for t in ("qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm")
 }
 
 
@@ -310,19 +303,20 @@ class GenerationSettings:
 
 
 def generate_loop(
-    first_logits: torch.Tensor,  # (B, V): the prefill's logits at each row's last prompt token
-    step: Callable[
-        [torch.Tensor, int], torch.Tensor
-    ],  # (tokens (B, 1), i) -> logits (B, V) for decode step i
-    prompt_ids: torch.Tensor,  # (B, T) long, for the repetition penalty
-    prompt_mask: torch.Tensor,  # (B, T) 1 for real tokens, 0 for padding
+    first_logits: torch.Tensor,
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
     settings: GenerationSettings,
     eos_token_ids: list[int],
     pad_token_id: int,
     streamer: Callable[[str], None] | None = None,
     tokenizer: Tokenizer | None = None,
-) -> torch.Tensor:  # (B, N) new tokens only; rows that finished early are padded with pad_token_id
+) -> torch.Tensor:
     """The decode loop shared by every model: sample, record, stop rows at EOS, feed the token back.
+    first_logits (B, V) are the prefill's logits at each row's last prompt token; `step(tokens (B, 1), i)`
+    runs decode step i and returns the next logits (B, V); prompt_ids/prompt_mask (B, T) feed the repetition
+    penalty. Returns the new tokens (B, N), rows that finished early padded with pad_token_id.
     The only host-device syncs are the streamer's (it needs the token) and an all-finished check every 8
     steps."""
     B, V = first_logits.shape
@@ -486,3 +480,60 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
     if not frames:
         raise ValueError(f"{src} contains no decodable video frames")
     return Video(np.stack([frames[i] for i in wanted]), wanted, [i / rate for i in wanted], rate, total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: the options and the output every model's main() shares
+
+
+def add_generation_args(ap) -> None:
+    """--max-new-tokens, sampling, --seed, --device and --dtype on an argparse parser."""
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def generate_and_report(model, inputs: dict, a, n_visual: int) -> torch.Tensor:
+    """Generate with the command line's settings, stream the text to stdout, then print a one-line JSON
+    summary to stderr. The sampling settings are the command line's: generation_config.json gives only EOS."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    first: list[float] = []
+
+    def streamer(piece: str) -> None:
+        first.append(first[0] if first else time.perf_counter())
+        print(piece, end="", flush=True)
+
+    t0 = time.perf_counter()
+    out = model.generate(
+        **inputs,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        streamer=streamer,
+    )
+    t1 = time.perf_counter()
+    print()
+    n, ttft = out.shape[1], (first[0] if first else t1) - t0
+    rate = (n - 1) / (t1 - t0 - ttft) if n > 1 and t1 - t0 > ttft else float("nan")
+    summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
+    summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
+    summary.update(ttft_s=round(ttft, 3), tokens_per_s=round(rate, 2))
+    print(json.dumps(summary), file=sys.stderr)
+    return out
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a CLI's main(); a problem the user can fix ends with one `error: ...` line, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")

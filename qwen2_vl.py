@@ -30,11 +30,9 @@ except where noted (positions after a video: we follow the released model, see `
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -388,12 +386,7 @@ class Processor:
         ids = [
             self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts
         ]
-        L = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), L), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(ids), L, dtype=torch.long)
-        for b, x in enumerate(ids):
-            sl = slice(L - len(x), L) if padding_side == "left" else slice(0, len(x))
-            input_ids[b, sl], attention_mask[b, sl] = torch.tensor(x, dtype=torch.long), 1
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
 
@@ -901,35 +894,22 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Chat with Qwen2-VL about images and videos.")
-    ap.add_argument(
-        "--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a local directory"
-    )
+    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
     ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
     ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--system", default=None, help=f"system message (default: {DEFAULT_SYSTEM!r})")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--min-pixels", type=int, default=None, help="lower bound on an image's resized area")
-    ap.add_argument(
-        "--max-pixels", type=int, default=None, help="upper bound (tokens per image = pixels / 784)"
-    )
+    ap.add_argument("--max-pixels", type=int, default=None, help="upper bound (tokens = pixels / 784)")
     ap.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
     ap.add_argument("--fps", type=float, default=None, help="frames per second sampled (default 2)")
     ap.add_argument("--show-prompt", action="store_true", help="print the rendered prompt to stderr")
+    common.add_generation_args(ap)
     a = ap.parse_args(argv)
 
     model, processor = load(a.model, a.device, a.dtype)
-    for attr in ("min_pixels", "max_pixels"):
-        if getattr(a, attr) is not None:
-            processor.image = replace(processor.image, **{attr: getattr(a, attr)})
-            processor.video = replace(processor.video, **{attr: getattr(a, attr)})
+    bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
+    processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
     images = [common.load_image(src) for src in a.image]
     videos = []
     for src in a.video:
@@ -947,55 +927,8 @@ def main(argv: list[str] | None = None) -> None:
     for key, what in (("image_grid_thw", "image"), ("video_grid_thw", "video")):
         for i, g in enumerate(inputs.get(key, [])):
             print(f"{what} {i + 1}: grid {g.tolist()} -> {int(g.prod()) // 4} tokens", file=sys.stderr)
-    inputs = {k: v.to(model.lm_head.weight.device) for k, v in inputs.items()}
-    print(
-        f"sampling: temperature={a.temperature} top_k={a.top_k} top_p={a.top_p} "
-        f"repetition_penalty={a.repetition_penalty} (command-line values; the checkpoint's "
-        f"generation_config.json is read for EOS ids only)",
-        file=sys.stderr,
-    )
-    first: list[float] = []
-
-    def streamer(piece: str) -> None:
-        first.append(first[0] if first else time.perf_counter())
-        print(piece, end="", flush=True)
-
-    t0 = time.perf_counter()
-    out = model.generate(
-        **inputs,
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        streamer=streamer,
-    )
-    t1 = time.perf_counter()
-    print()
-    n = out.shape[1]
-    ttft = (first[0] if first else t1) - t0
-    rate = (n - 1) / (t1 - t0 - ttft) if n > 1 and t1 - t0 > ttft else float("nan")
-    n_vis = int((inputs["mm_token_type_ids"] > 0).sum())
-    print(
-        json.dumps(
-            {
-                "model": a.model,
-                "device": str(model.lm_head.weight.device),
-                "dtype": str(model.lm_head.weight.dtype),
-                "prompt_tokens": inputs["input_ids"].shape[1],
-                "visual_tokens": n_vis,
-                "new_tokens": n,
-                "ttft_s": round(ttft, 3),
-                "tokens_per_s": round(rate, 2),
-            }
-        ),
-        file=sys.stderr,
-    )
+    common.generate_and_report(model, inputs, a, n_visual=int((inputs["mm_token_type_ids"] > 0).sum()))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    common.run_main(main)

@@ -110,6 +110,15 @@ def test_pick_dtype():
 # Sampling and the generation loop
 
 
+def test_pad_batch():
+    ids, mask = common.pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = common.pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="padding_side must be"):
+        common.pad_batch([[1]], 0, side="middle")
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     assert common.sample(logits).item() == 0
