@@ -307,3 +307,223 @@ def build_qwen2_vl(root: Path, size: str = "tiny") -> dict[str, Path]:
     v452["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     write_safetensors(v452, dirs["v4_52"])
     return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PaliGemma 1 and 2
+
+PALIGEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<image>"]  # pad 0, eos 1, bos 2 as real
+LOC_SEG = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+EMBED_STD = 0.02
+LAYER_GAIN = 4.0
+PALIGEMMA_IMAGE = 56  # px: 4 x 4 = 16 image tokens per image
+
+
+def make_gemma_tokenizer(path: Path, vocab_size: int = 400) -> dict[str, int]:
+    """A tokenizer.json shaped like Gemma's: spaces become "▁", BPE with byte fallback, no pre-tokenizer split
+    beyond that; the <locDDDD>/<segDDD> tokens added as ordinary (not special) tokens, as in the real one."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=PALIGEMMA_SPECIALS, initial_alphabet=["\n"], show_progress=False
+    )
+    tok.train_from_iterator(["\n".join(CORPUS)] * 20, trainer)  # "\n" ends every prompt: it must be a token
+    tok.add_tokens(LOC_SEG)
+    tok.save(str(path / "tokenizer.json"))
+    return {s: tok.token_to_id(s) for s in PALIGEMMA_SPECIALS}
+
+
+PALIGEMMA_SIZES = {  # text (D, layers, heads, head dim, FFN), vision (layers, width, heads, FFN), image px
+    "tiny": ((64, 2, 4, 16, 128), (2, 32, 4, 64), PALIGEMMA_IMAGE),
+    "small": ((640, 10, 10, 64, 2048), (6, 384, 6, 1536), 224),  # about 60M parameters, for bench.py
+}
+
+
+def paligemma_hf_config(ids: dict[str, int], vocab: int, version: int, size: str = "tiny"):
+    from transformers import PaliGemmaConfig
+
+    (D, n_layers, H, Dh, ffn), (v_layers, Dv, Hv, v_ffn), px = PALIGEMMA_SIZES[size]
+    text = dict(
+        model_type="gemma",
+        vocab_size=vocab,
+        hidden_size=D,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layers,
+        num_attention_heads=H,
+        num_key_value_heads=1,
+        head_dim=Dh,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    if version == 2:  # Gemma2 with every feature switched on hard enough to matter
+        text.update(
+            model_type="gemma2",
+            num_hidden_layers=3 if size == "tiny" else n_layers,
+            num_key_value_heads=2,
+            query_pre_attn_scalar=24,
+            sliding_window=8,  # shorter than the prompts, so the window is exercised
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=2.0,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=Dv,
+        intermediate_size=v_ffn,
+        num_hidden_layers=v_layers,
+        num_attention_heads=Hv,
+        patch_size=14,
+        image_size=px,
+        vision_use_head=False,
+    )
+    cfg = PaliGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        projection_dim=D,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_paligemma(root: Path, version: int = 1, size: str = "tiny") -> dict[str, Path]:
+    """Two directories holding the same weights of a tiny PaliGemma `version` (1: Gemma, 2: Gemma2):
+    - "hf5": what transformers 5.23 `save_pretrained` writes (processor_config.json, its mixed key layout);
+    - "hub": the published layout (vision_tower.vision_model.*, language_model.model.*, two shards, the
+      published config.json fields, preprocessor_config.json)."""
+    from transformers import (
+        AutoTokenizer,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
+
+    dirs = {k: root / f"paligemma{version}_{size}_{k}" for k in ("hf5", "hub")}
+    px = PALIGEMMA_SIZES[size][2]
+    hf5 = dirs["hf5"]
+    hf5.mkdir(parents=True, exist_ok=True)
+    ids = make_gemma_tokenizer(hf5)
+    (hf5 / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GemmaTokenizer",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "padding_side": "left",
+            }
+        )
+    )
+    vocab = len(json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]) + len(LOC_SEG)
+    image_processor = SiglipImageProcessor(size={"height": px, "width": px})
+    image_processor.image_seq_length = (px // 14) ** 2
+    processor = PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(hf5)
+    )
+    processor.save_pretrained(hf5)
+    torch.manual_seed(0)
+    model = PaliGemmaForConditionalGeneration(paligemma_hf_config(ids, vocab, version, size)).eval()
+    randomize_(model)
+    with torch.no_grad():  # Gemma norms are (1 + w): keep w near 0
+        for name, p in model.named_parameters():
+            if "language_model" in name and "norm" in name:
+                p.mul_(0.0).add_(0.1 * torch.randn_like(p))
+            elif name.endswith("embed_tokens.weight"):  # tied to the output head
+                p.mul_(EMBED_STD / 0.05)
+            elif "language_model.model.layers" in name or "language_model.layers" in name:
+                p.mul_(LAYER_GAIN)  # layers strong enough that the next token is not a copy of the last
+    model.save_pretrained(hf5)
+    (hf5 / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0})
+    )
+
+    saved = json.loads((hf5 / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    state = load_file(str(hf5 / "model.safetensors"))
+    hub = dirs["hub"]
+    hub.mkdir(exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (hub / f).write_text((hf5 / f).read_text())
+    (hub / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "do_normalize": True,
+                "do_rescale": True,
+                "do_resize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "image_processor_type": "SiglipImageProcessor",
+                "image_seq_length": (px // 14) ** 2,
+                "processor_class": "PaliGemmaProcessor",
+                "resample": 3,
+                "rescale_factor": 1 / 255,
+                "size": {"height": px, "width": px},
+            }
+        )
+    )
+    t, v = saved["text_config"], saved["vision_config"]
+    text_keys = ["hidden_size", "intermediate_size", "model_type", "num_attention_heads", "num_hidden_layers"]
+    text_keys += ["num_key_value_heads", "vocab_size", "head_dim"]
+    if version == 2:
+        text_keys += [
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "query_pre_attn_scalar",
+            "sliding_window",
+        ]
+    published = {
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "hidden_size": 2048,  # a stale root value, as in the real files
+        "image_token_index": saved["image_token_id"]
+        if "image_token_id" in saved
+        else saved["image_token_index"],
+        "model_type": "paligemma",
+        "pad_token_id": 0,
+        "projection_dim": saved["projection_dim"],
+        "text_config": dict(
+            {k: t[k] for k in text_keys},
+            num_image_tokens=(px // 14) ** 2,
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+        "vision_config": {
+            k: v[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "model_type",
+                "num_attention_heads",
+                "num_hidden_layers",
+            )
+        }
+        | {
+            "image_size": px,
+            "patch_size": 14,
+            "projection_dim": saved["projection_dim"],
+            "vision_use_head": False,
+        },
+        "vocab_size": 257216,  # stale too: the text_config value is the real one
+    }
+    (hub / "config.json").write_text(json.dumps(published, indent=2))
+
+    def published_key(k: str) -> str | None:
+        k = re.sub(r"^model\.", "", k)
+        k = re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", k)
+        k = re.sub(r"^language_model\.(?!model\.)", "language_model.model.", k)
+        return None if k == "lm_head.weight" else k
+
+    write_safetensors({published_key(k): t for k, t in state.items() if published_key(k)}, hub, shards=2)
+    return dirs

@@ -1,0 +1,835 @@
+"""PaliGemma 1 and 2 in one file: preprocessing, SigLIP vision tower, linear projector, Gemma / Gemma2
+decoder with a prefix-LM mask, generation, detection boxes.
+
+What is special about this model:
+- One fixed square input: the image is resized to 224, 448 or 896 px without keeping its aspect ratio, cut
+  into 14x14 patches, and every patch becomes one language-model token (256, 1024 or 4096): no merging.
+- SigLIP-So400m vision tower: learned absolute position embeddings, no class token, tanh-GELU, features taken
+  after the final LayerNorm; a single Linear projects them to the decoder width.
+- Prefix-LM attention: the image tokens, <bos>, the task prefix and its "\\n" all see each other (both
+  directions); only the answer (the suffix, and every generated token) is causal. See `prefix_lm_mask`.
+- Gemma decoder: (1 + w) RMSNorm computed in float32, text embeddings scaled by sqrt(D) (image features are
+  not), GeGLU MLP, positions that start at 1, multi-query attention.
+- PaliGemma 2 swaps Gemma for Gemma2: norms before and after attention and MLP, attention scale from
+  `query_pre_attn_scalar`, tanh soft-caps on attention scores and on the final logits, and a sliding window
+  on every other layer. Each difference is one labelled branch (`cfg.is_gemma2`), not a second decoder.
+- No chat template: prompts are task prefixes ("caption en", "answer en <question>", "detect cat", "ocr").
+  Detection answers are <locYYYY> tokens: `parse_boxes` turns them into pixel boxes.
+
+Shape legend: B batch, T tokens in this call, S key length (cache + T), D model width, H query heads, Hkv kv
+heads, Dh head dim, N vision patches, Dv vision width, V vocabulary.
+
+Worked example (paligemma-3b-mix-224): a 480x640 photo -> resized to 224x224 -> (1, 3, 224, 224) -> 16x16 =
+256 patches of width 1152 -> 27 SigLIP layers -> Linear -> (1, 256, 2048), written over the 256 <image> tokens
+of "<image>" * 256 + "<bos>caption en\\n". Positions run 1..260; the answer starts at position 261.
+
+Papers: "PaliGemma: A versatile 3B VLM for transfer" (arXiv 2407.07726), "PaliGemma 2" (arXiv 2412.03555).
+Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemma2/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import common
+
+# ==========================================================================================================
+# 1. Config
+# ==========================================================================================================
+
+DEFAULT = "google/paligemma-3b-mix-224"
+PRESETS = {
+    f"{gen}-{kind}-{px}": f"google/{gen}-{kind}-{px}"
+    for gen, kinds, sizes in (
+        ("paligemma-3b", ("pt", "mix"), (224, 448, 896)),
+        ("paligemma2-3b", ("pt", "mix"), (224, 448, 896)),
+        ("paligemma2-10b", ("pt", "mix"), (224, 448, 896)),
+        ("paligemma2-28b", ("pt", "mix"), (224, 448, 896)),
+    )
+    for kind in kinds
+    for px in sizes
+    if not (kind == "mix" and px == 896)  # the mix checkpoints come at 224 and 448 only
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:  # SigLIP-So400m/14
+    hidden_size: int = 1152  # Dv
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class TextConfig:  # Gemma 2B (PaliGemma 1); PaliGemma 2 fills in the Gemma2 fields
+    model_type: str = "gemma"  # "gemma2" turns on the Gemma2 branches
+    vocab_size: int = 257216
+    hidden_size: int = 2048  # D
+    intermediate_size: int = 16384
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 8  # H
+    num_key_value_heads: int = 1  # Hkv
+    head_dim: int = 256  # Dh (not D / H in general)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    # Gemma2 only (None or empty for Gemma):
+    query_pre_attn_scalar: float | None = None  # attention scale = its -1/2 power (Gemma: head_dim ** -0.5)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap), before the mask
+    final_logit_softcapping: float | None = None  # the same on the output logits
+    sliding_window: int | None = None  # a token sees itself and the window - 1 tokens before it
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" or "full_attention" per layer
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+
+@dataclass(frozen=True)
+class PaliGemmaConfig:
+    text_config: TextConfig = field(default_factory=TextConfig)
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 257152  # <image>
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+
+    @staticmethod
+    def from_hf(d: dict) -> PaliGemmaConfig:
+        """Reads the published config.json (fields the repos leave out take transformers' class defaults for
+        gemma / gemma2) and the transformers-5 format (`rope_parameters`, `layer_types`)."""
+        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+        gemma2 = t.get("model_type", "gemma") == "gemma2"
+        if t.get("model_type", "gemma") not in ("gemma", "gemma2"):
+            raise ValueError(
+                f"text_config.model_type={t.get('model_type')!r}: PaliGemma uses gemma or gemma2"
+            )
+        for what, c, key in (("text", t, "hidden_activation"), ("vision", v, "hidden_act")):
+            act = c.get(key) or c.get("hidden_act") or "gelu_pytorch_tanh"
+            if act not in ("gelu_pytorch_tanh", "gelu"):  # NOTE: a legacy "gelu" here means the tanh GELU
+                raise ValueError(f"{what} activation {act!r}: paligemma.py implements gelu_pytorch_tanh only")
+        n_layers = t.get("num_hidden_layers", 26 if gemma2 else 18)
+        text = TextConfig(
+            model_type="gemma2" if gemma2 else "gemma",
+            vocab_size=t.get("vocab_size", d.get("vocab_size", 257216)),  # NOTE: the root value can be stale
+            hidden_size=t.get("hidden_size", 2304 if gemma2 else 2048),
+            intermediate_size=t.get("intermediate_size", 9216 if gemma2 else 16384),
+            num_hidden_layers=n_layers,
+            num_attention_heads=t.get("num_attention_heads", 8 if gemma2 else 16),
+            num_key_value_heads=t.get("num_key_value_heads", 4 if gemma2 else 16),
+            head_dim=t.get("head_dim", 256),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=(t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0)),
+            max_position_embeddings=t.get("max_position_embeddings", 8192),
+        )
+        if gemma2:
+            default_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+            text = replace(
+                text,
+                query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256),
+                attn_logit_softcapping=t.get("attn_logit_softcapping", 50.0),
+                final_logit_softcapping=t.get("final_logit_softcapping", 30.0),
+                sliding_window=t.get("sliding_window", 4096),
+                layer_types=tuple(t.get("layer_types") or default_types),
+            )
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 1152),
+            intermediate_size=v.get("intermediate_size", 4304),
+            num_hidden_layers=v.get("num_hidden_layers", 27),
+            num_attention_heads=v.get("num_attention_heads", 16),
+            num_channels=v.get("num_channels", 3),
+            image_size=v.get("image_size", 224),
+            patch_size=v.get("patch_size", 14),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+        )
+        assert d.get("projection_dim", text.hidden_size) == text.hidden_size, "projector must output D"
+        return PaliGemmaConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 257152)),
+            pad_token_id=d.get("pad_token_id", t.get("pad_token_id", 0)),
+            bos_token_id=d.get("bos_token_id", t.get("bos_token_id", 2)),
+            eos_token_id=d.get("eos_token_id", t.get("eos_token_id", 1)),
+        )
+
+
+# ==========================================================================================================
+# 2. Preprocessing and prompt
+# ==========================================================================================================
+
+IMAGE_TOKEN = "<image>"
+# The first word of the task prefixes the mix checkpoints were trained on ("caption en", "answer en ...").
+TASK_WORDS = ("caption", "cap", "describe", "ocr", "answer", "question", "detect", "segment")
+RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's numbers, as preprocessor_config.json stores them
+
+
+@dataclass(frozen=True)
+class ImageInputConfig:
+    image_size: int = 224
+    image_seq_length: int = 256  # <image> tokens per image = (image_size / 14) ** 2
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    resample: str = "bicubic"
+
+    @staticmethod
+    def from_hf(d: dict) -> ImageInputConfig:
+        size = d.get("size") or {}
+        if d.get("resample", 3) not in RESAMPLE:
+            raise ValueError(f"resample={d['resample']} in the processor config: only 2 and 3 are supported")
+        return ImageInputConfig(
+            image_size=size.get("height", 224),
+            image_seq_length=d.get("image_seq_length", (size.get("height", 224) // 14) ** 2),
+            image_mean=tuple(d.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(d.get("image_std", (0.5, 0.5, 0.5))),
+            resample=RESAMPLE[d.get("resample", 3)],
+        )
+
+
+def resize_and_normalize(image, cfg: ImageInputConfig) -> torch.Tensor:
+    """An image -> (3, S, S) float32 in [-1, 1]. The aspect ratio is NOT kept (nor is anything cropped).
+    NOTE: the reference resizes the uint8 tensor with torchvision (antialiased, rounded back to uint8), which
+    is torch's own uint8 interpolate below; then (x - 255 mean) / (255 std) in float32."""
+    x = torch.from_numpy(np.array(common.load_image(image))).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    S = cfg.image_size
+    x = F.interpolate(x, size=(S, S), mode=cfg.resample, antialias=True, align_corners=False)
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
+    std = torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0
+    return (x[0].float() - mean) / std
+
+
+def build_prompt(prefix: str, n_images: int = 1, bos: str = "<bos>") -> str:
+    """The PaliGemma input format: <image> x n, then <bos>, the task prefix and a newline (nothing between
+    the image tokens and <bos>). Example: "<image><bos>caption en\\n"; each <image> is later expanded to
+    image_seq_length copies. The answer follows the newline."""
+    return IMAGE_TOKEN * n_images + bos + prefix + "\n"
+
+
+class Processor:
+    """Text + images (+ a suffix for fine-tuning) -> the model's inputs, with the same keys and layouts as
+    transformers' PaliGemmaProcessor: input_ids, attention_mask, token_type_ids (0 prefix, 1 suffix),
+    pixel_values, and labels when a suffix is given."""
+
+    def __init__(self, tokenizer: common.Tokenizer, image: ImageInputConfig):
+        self.tokenizer, self.image = tokenizer, image
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.bos_token_id = tokenizer.token_id("<bos>")
+        self.eos_token_id = tokenizer.token_id("<eos>")
+        self.pad_token_id = tokenizer.token_id("<pad>")
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from preprocessor_config.json (published) or processor_config.json (transformers 5)."""
+        d = {}
+        if (ckpt / "processor_config.json").is_file():
+            p = common.read_json(ckpt / "processor_config.json")
+            d = p.get("image_processor", {})
+        if (ckpt / "preprocessor_config.json").is_file():
+            d = common.read_json(ckpt / "preprocessor_config.json")
+        return Processor(common.Tokenizer(ckpt / "tokenizer.json"), ImageInputConfig.from_hf(d))
+
+    def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([resize_and_normalize(im, self.image) for im in images])}
+
+    def __call__(self, text=None, images=None, suffix=None, padding_side: str = "left"):
+        """`text`: one prompt or one per row. Without <image> in it, each row gets the format of
+        `build_prompt` with its images (`images` then holds one image, or one list of images, per row). With
+        <image> placeholders, <bos> goes right after the last one and "\\n" at the end, as transformers does.
+        `suffix`: the expected answer for fine-tuning; it is appended with <eos> and becomes `labels`."""
+        if images is None:
+            raise ValueError("PaliGemma needs an image with every prompt (pass images=...)")
+        texts = [""] if text is None else [text] if isinstance(text, str) else list(text)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        rows = []
+        if not any(IMAGE_TOKEN in t for t in texts):
+            per_row = [im if isinstance(im, (list, tuple)) else [im] for im in images]
+            if len(per_row) != len(texts):
+                raise ValueError(
+                    f"{len(images)} images for {len(texts)} prompts: give one image (or one list "
+                    "of images) per prompt, or put <image> placeholders in the prompts"
+                )
+            for t in texts:
+                if t.split(" ", 1)[0] not in TASK_WORDS:
+                    warnings.warn(
+                        f"prompt {t!r} has no task prefix: the mix checkpoints expect one such as "
+                        "'caption en', 'answer en <question>', 'detect <object>' or 'ocr'",
+                        stacklevel=2,
+                    )
+            rows = [build_prompt(t, len(ims)) for t, ims in zip(texts, per_row, strict=True)]
+            images = [im for ims in per_row for im in ims]
+        else:
+            n = sum(t.count(IMAGE_TOKEN) for t in texts)
+            if n != len(images):
+                raise ValueError(
+                    f"the prompts have {n} {IMAGE_TOKEN} placeholder(s) but {len(images)} images "
+                    "were given: one placeholder per image"
+                )
+            for t in texts:
+                end = t.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+                rows.append(t[:end] + "<bos>" + t[end:] + "\n")
+        expand = IMAGE_TOKEN * self.image.image_seq_length
+        ids = [self.tokenizer.encode(r.replace(IMAGE_TOKEN, expand)) for r in rows]
+        types = [[0] * len(x) for x in ids]
+        if suffix is not None:
+            suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
+            for b, s in enumerate(suffixes):
+                answer = self.tokenizer.encode(s) + [self.eos_token_id]
+                ids[b], types[b] = ids[b] + answer, types[b] + [1] * len(answer)
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        token_type_ids, _ = common.pad_batch(types, 0, padding_side)
+        out = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        out.update(self.preprocess_images(images))
+        if suffix is not None:
+            out["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)  # loss on the answer only
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+LOC_BOX = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;<]*)")
+
+
+def parse_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Detection output -> [(label, (x0, y0, x1, y1)) in pixels of the original image].
+    The model answers "detect cat ; dog" with "<loc0212><loc0096><loc0870><loc0540> cat ; <loc...>... dog":
+    four tokens per box in the order y0, x0, y1, x1, each a coordinate on a 0-1023 grid over the (squashed)
+    image, so a value v maps back to v / 1024 of the image's side."""
+    boxes = []
+    for y0, x0, y1, x1, label in LOC_BOX.findall(text):
+        y0, y1 = sorted((int(y0) / 1024 * height, int(y1) / 1024 * height))  # corners in order, whatever
+        x0, x1 = sorted((int(x0) / 1024 * width, int(x1) / 1024 * width))  # order the model wrote them in
+        boxes.append((label.strip(), (x0, y0, x1, y1)))
+    return boxes
+
+
+def draw_boxes(image: Image.Image, boxes, path: str) -> None:
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    for label, box in boxes:
+        draw.rectangle(box, outline=(255, 0, 0), width=max(2, image.width // 200))
+        draw.text((box[0] + 3, box[1] + 2), label, fill=(255, 0, 0))
+    image.save(path)
+
+
+# ==========================================================================================================
+# 3. Vision tower (SigLIP)
+# ==========================================================================================================
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P)
+        self.position_embedding = nn.Embedding(
+            G * G, cfg.hidden_size
+        )  # learned, one per patch, no class slot
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, N, Dv)
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, Dv), patches row by row
+        return x + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        Dv = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(Dv, Dv), nn.Linear(Dv, Dv), nn.Linear(Dv, Dv)
+        self.out_proj = nn.Linear(Dv, Dv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, Dv = x.shape
+        q, k, v = (
+            p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh): every patch sees every patch
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipVisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        # `encoder.layers.{i}` as in the checkpoint (the encoder holds nothing but its layers)
+        self.encoder = nn.ModuleDict(
+            {"layers": nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))}
+        )
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, N, Dv)
+        assert (
+            pixels.shape[-1]
+            == pixels.shape[-2]
+            == self.embeddings.patch_embedding.stride[0]
+            * int(math.isqrt(self.embeddings.position_embedding.num_embeddings))
+        ), "pixel_values must be image_size x image_size (the processor resizes to it)"
+        x = self.embeddings(pixels)
+        for layer in self.encoder["layers"]:
+            x = layer(x)
+        return self.post_layernorm(x)  # NOTE: features after the final LayerNorm (LLaVA-OneVision differs)
+
+
+# ==========================================================================================================
+# 4. Projector
+# ==========================================================================================================
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: PaliGemmaConfig):
+        super().__init__()
+        self.linear = nn.Linear(cfg.vision_config.hidden_size, cfg.text_config.hidden_size)  # no activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, Dv) -> (B, N, D)
+        return self.linear(x)
+
+
+# ==========================================================================================================
+# 5. Language decoder (Gemma; Gemma2 branches for PaliGemma 2)
+# ==========================================================================================================
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: scale by (1 + w), everything in float32, cast at the end.
+    NOTE: the opposite order to Llama/Qwen (cast first, then multiply by w); the weights are stored near 0."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (B, T) -> cos, sin (B, T, Dh): angles in float32, then cast to the model dtype."""
+    Dh = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float, device=pos.device) / Dh)
+    angles = pos[..., None].float() * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1, T,
+    S) bool. Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
+    query length:
+
+        q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+
+    Gemma: one fused SDPA call. Gemma2 soft-caps the scores (cap * tanh(s / cap)) BEFORE the mask, which no
+    SDPA kernel can do, so only then the same maths is written out (softmax in float32, as the reference)."""
+    B, H, T, Dh = q.shape
+    G = H // k.shape[1]
+    q, mask = q.reshape(B, -1, G * T, Dh), mask.repeat(1, 1, G, 1)
+    if softcap is None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        s = (q @ k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
+        s = softcap * torch.tanh(s / softcap)
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+        y = p @ v
+    return y.view(B, H, T, Dh)
+
+
+class KVCache(nn.Module):
+    """Static cache of one layer: (B, Hkv, S_max, Dh) buffers written in place at the given slot.
+    Sliding-window layers keep every slot too; their mask hides what lies outside the window."""
+
+    def __init__(self, B: int, Hkv: int, S_max: int, Dh: int, device, dtype):
+        super().__init__()
+        self.k = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+        self.v = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # only the filled slots are read
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.Hkv, self.Dh = H, Hkv, Dh
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.scale = (cfg.query_pre_attn_scalar or Dh) ** -0.5  # Gemma2: query_pre_attn_scalar, not Dh
+        self.softcap = cfg.attn_logit_softcapping  # Gemma2 only
+        self.sliding = bool(cfg.layer_types) and cfg.layer_types[layer_idx] == "sliding_attention"
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, pos: int = 0):
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+        y = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # GeGLU with the tanh GELU
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.mlp = MLP(cfg)
+        self.gemma2 = cfg.is_gemma2
+        if self.gemma2:  # Gemma2: "sandwich" norms, a second pair around the MLP
+            self.pre_feedforward_layernorm = RMSNorm(D, eps)
+            self.post_feedforward_layernorm = RMSNorm(D, eps)
+
+    def forward(self, x, cos, sin, masks, cache=None, pos=0):
+        mask = masks["sliding" if self.self_attn.sliding else "full"]
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        if self.gemma2:  # norm the attention output, then add; the same around the MLP
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + a  # Gemma: plain pre-norm; here post_attention_layernorm is the norm before the MLP
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # NOTE: Gemma scales text embeddings by sqrt(D), rounded to the weight dtype (bf16: 45.25 for 2048).
+        w = self.embed_tokens.weight
+        return self.embed_tokens(ids) * torch.tensor(
+            self.cfg.hidden_size**0.5, dtype=w.dtype, device=w.device
+        )
+
+    def forward(self, x, pos, masks, caches: list[KVCache] | None = None, cache_pos: int = 0) -> torch.Tensor:
+        """x (B, T, D) embeddings, pos (B, T), masks {"full", "sliding"} of (B, 1, T, S) -> (B, T, D)"""
+        cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks, None if caches is None else caches[i], cache_pos)
+        return self.norm(x)
+
+
+# ==========================================================================================================
+# 6. The VLM: merge image features, positions, the prefix-LM mask, forward, generate
+# ==========================================================================================================
+
+
+def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = None) -> torch.Tensor:
+    """keep (B, S) bool real (non-padding) keys, prefix (B, S) bool tokens of the prefix block -> (B, 1, T, S)
+    bool, query t at slot offset + t. Causal, OR both tokens in the prefix; padding keys are never seen.
+
+        keys:    p  I  I  B  c  \\n a  b      (p pad, I image, B <bos>, c task prefix, a b the answer)
+        query I  .  x  x  x  x  x  .  .      x = may attend
+        query c  .  x  x  x  x  x  .  .      the prefix block sees itself in both directions,
+        query a  .  x  x  x  x  x  x  .      the answer is causal and sees the whole prefix
+        query b  .  x  x  x  x  x  x  x
+
+    With a sliding window (Gemma2's even layers), the causal part keeps only the last `window` keys (the
+    query's own included); the prefix block stays bidirectional whatever the distance, as in the reference.
+    A padding query sees only itself, so no row is empty (SDPA would return NaN); its output is unused."""
+    S = keep.shape[1]
+    s = torch.arange(S, device=keep.device)
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
+    causal = s <= t
+    if window is not None:
+        causal = causal & (s > t - window)
+    both_prefix = prefix[:, offset : offset + T, None] & prefix[:, None, :]  # (B, T, S)
+    return (((causal | both_prefix) & keep[:, None, :]) | (s == t))[:, None]
+
+
+class PaliGemma(nn.Module):
+    def __init__(self, cfg: PaliGemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = SiglipVisionTower(cfg.vision_config)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = GemmaModel(cfg.text_config)
+        tc = cfg.text_config
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.lm_head.weight = self.language_model.embed_tokens.weight  # always tied in PaliGemma
+        self.eos_token_ids: list[int] = [cfg.eos_token_id]  # set by load() from generation_config.json
+        self.tokenizer: common.Tokenizer | None = None
+
+    def embed(self, input_ids, pixel_values=None) -> torch.Tensor:
+        """Scaled text embeddings with the (unscaled) image features written over the <image> tokens."""
+        is_image = input_ids == self.cfg.image_token_id
+        x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        need = (
+            0
+            if pixel_values is None
+            else pixel_values.shape[0] * self.vision_tower.embeddings.position_embedding.num_embeddings
+        )
+        if int(is_image.sum()) != need:
+            raise ValueError(
+                f"the prompt has {int(is_image.sum())} <image> tokens but the images give {need} features: "
+                "pass the processor's output unchanged"
+            )
+        if pixel_values is not None:
+            feats = self.multi_modal_projector(self.vision_tower(pixel_values.to(x.dtype)))  # (n_img, N, D)
+            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))  # NOTE: no sqrt(D) on image features
+        return x
+
+    def masks(self, keep, prefix, T: int, offset: int = 0) -> dict[str, torch.Tensor]:
+        full = prefix_lm_mask(keep, prefix, T, offset)
+        tc = self.cfg.text_config
+        if tc.sliding_window is None or "sliding_attention" not in tc.layer_types:
+            return {"full": full, "sliding": full}
+        return {"full": full, "sliding": prefix_lm_mask(keep, prefix, T, offset, tc.sliding_window)}
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)
+        cap = self.cfg.text_config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma2: final soft-cap
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, pixel_values=None, labels=None):
+        """The full forward pass without a cache: logits (B, T, V); with `labels`, (loss, logits) where the
+        loss is the mean next-token cross-entropy over the labels that are not -100. Differentiable.
+        NOTE: positions count real tokens from 1 (padding-aware, as transformers' generate does; its
+        cache-less forward instead numbers padded rows from the first column). Without token_type_ids the
+        whole prompt is the prefix block."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        keep = attention_mask.bool()
+        x = self.embed(input_ids, pixel_values)
+        pos = attention_mask.long().cumsum(-1)  # NOTE: 1-based: the first real token is at position 1
+        h = self.language_model(x, pos, self.masks(keep, token_type_ids == 0, input_ids.shape[1]))
+        logits = self.logits(h)
+        if labels is None:
+            return logits
+        V = logits.shape[-1]
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        return loss, logits
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        pixel_values=None,
+        labels=None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_ids: list[int] | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
+        """New tokens (B, N). Prefill once (image + prompt, prefix-LM mask) into a static cache, then one
+        causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
+        is."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        x = self.embed(input_ids, pixel_values)
+        tc = self.cfg.text_config
+        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        caches = [
+            KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
+            for _ in range(tc.num_hidden_layers)
+        ]
+        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
+        keep[:, :T] = attention_mask.bool()
+        prefix = torch.zeros(B, S_max, dtype=torch.bool, device=x.device)  # generated tokens: not prefix
+        prefix[:, :T] = token_type_ids == 0
+        pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
+        h = self.language_model(x, pos, self.masks(keep[:, :T], prefix[:, :T], T), caches, 0)
+        first = self.logits(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
+        if not bool(torch.isfinite(first).all()):
+            raise RuntimeError(
+                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
+            )
+        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
+
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:
+            masks = self.masks(keep[:, : T + i + 1], prefix[:, : T + i + 1], 1, T + i)
+            h = self.language_model(self.language_model.embed(token), n_real + i + 1, masks, caches, T + i)
+            return self.logits(h[:, -1]).float()
+
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        return common.generate_loop(
+            first,
+            step,
+            input_ids,
+            attention_mask,
+            settings,
+            eos,
+            self.cfg.pad_token_id,
+            streamer,
+            self.tokenizer,
+        )
+
+
+# ==========================================================================================================
+# 7. Weights
+# ==========================================================================================================
+
+
+def rename(key: str) -> str | None:
+    """Checkpoint key -> our name. Ours are transformers 5's names without the leading `model.`. The published
+    repos nest two levels more (`vision_tower.vision_model.*`, `language_model.model.*`, and
+    `language_model.lm_head` when it is stored at all); transformers 5 writes `model.*` in memory and a mix of
+    both layouts when it saves."""
+    key = re.sub(r"^model\.(?=vision_tower|multi_modal_projector|language_model)", "", key)
+    key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
+    key = re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+    return re.sub(r"^language_model\.model\.", "language_model.", key)
+
+
+def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemma, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+    ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
+    raw = common.read_json(ckpt / "config.json")
+    common.check_model_type(raw, "paligemma", "paligemma.py")
+    cfg = PaliGemmaConfig.from_hf(raw)
+    device = common.pick_device(device)
+    dtype = common.pick_dtype(dtype, device)
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    common.load_weights(
+        model, ckpt, rename, device, dtype, {"lm_head.weight": "language_model.embed_tokens.weight"}
+    )
+    processor = Processor.from_dir(ckpt)
+    vc = cfg.vision_config
+    if (
+        processor.image.image_size != vc.image_size
+        or processor.image.image_seq_length != (vc.image_size // vc.patch_size) ** 2
+    ):
+        raise ValueError(
+            f"the processor config says {processor.image.image_size} px / {processor.image.image_seq_length} "
+            f"tokens but the model takes {vc.image_size} px: the checkpoint's files do not match"
+        )
+    model.eos_token_ids = common.read_eos_ids(ckpt, raw)
+    model.tokenizer = processor.tokenizer
+    return model.eval(), processor
+
+
+# ==========================================================================================================
+# 8. Command line
+# ==========================================================================================================
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Ask PaliGemma about an image (prompts are task prefixes).")
+    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
+    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
+    ap.add_argument(
+        "--prompt",
+        required=True,
+        help="a task prefix: 'caption en', 'answer en <question>', 'detect cat', 'ocr'",
+    )
+    ap.add_argument(
+        "--system", default=None, help="not used: PaliGemma has no system prompt (an error if given)"
+    )
+    ap.add_argument(
+        "--draw-boxes", default=None, metavar="OUT.png", help="draw detected <loc> boxes, save here"
+    )
+    common.add_generation_args(ap)
+    a = ap.parse_args(argv)
+    if a.system:
+        raise ValueError("PaliGemma has no system prompt: put everything in --prompt (e.g. 'answer en ...')")
+    if not a.image:
+        raise ValueError("PaliGemma needs an image: pass --image PATH")
+    model, processor = load(a.model, a.device, a.dtype)
+    images = [common.load_image(src) for src in a.image]
+    inputs = processor(text=a.prompt, images=[images])
+    n_visual = int((inputs["input_ids"] == processor.image_token_id).sum())
+    out = common.generate_and_report(model, inputs, a, n_visual=n_visual)
+    if a.draw_boxes:
+        text = processor.decode(out[0], skip_special_tokens=False)
+        boxes = parse_boxes(text, images[0].width, images[0].height)
+        draw_boxes(images[0], boxes, a.draw_boxes)
+        print(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
