@@ -45,62 +45,71 @@ def median_time(fn, device, repeats):
     return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
+def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
+    """The timed calls of one model: `preprocess` and `vision` are (ours, transformers) pairs of callables."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def calls(generate, **kw):
+        return {
+            "ttft_s": lambda: generate(**inputs, max_new_tokens=1, **kw),
+            "ttft8": lambda: generate(**batch, max_new_tokens=1, **kw),
+            "gen1": lambda: generate(**inputs, max_new_tokens=N, **kw),
+            "gen8": lambda: generate(**batch, max_new_tokens=N, **kw),
+        }
+
+    return {
+        "ours": {
+            "preprocess_s": preprocess[0],
+            "vision_s": vision[0],
+            **calls(ours.generate, eos_token_ids=[]),
+        },
+        "transformers": {
+            "preprocess_s": preprocess[1],
+            "vision_s": vision[1],
+            **calls(ref.generate, generation_config=cfg),
+        },
+    }
+
+
 def bench_qwen2_vl(a, device, dtype):
-    from transformers import AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     import qwen2_vl
 
-    root = Path(tempfile.mkdtemp())
-    dirs = tiny.build_qwen2_vl(root, a.size)
+    dirs = tiny.build_qwen2_vl(Path(tempfile.mkdtemp()), a.size)
     ours, proc = qwen2_vl.load(dirs["hf5"], device=device, dtype=dtype)
     ref = Qwen2VLForConditionalGeneration.from_pretrained(
         dirs["hf5"], dtype=dtype, attn_implementation="sdpa"
     )
     ref = ref.to(device).eval()
     hproc = AutoProcessor.from_pretrained(dirs["hf5"])
-    n_params = sum(p.numel() for p in ours.parameters())
     img = Image.fromarray(tiny.synthetic_image(224, 224))
-    text = proc.apply_chat_template(
-        [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}],
-            }
-        ]
-    )
+    content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
     batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
-    N = a.new_tokens
-    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
-    runs = {
-        "ours": {
-            "preprocess_s": lambda: proc(text=text, images=[img]),
-            "vision_s": lambda: ours.visual(inputs["pixel_values"].to(dtype), inputs["image_grid_thw"].cpu()),
-            "ttft_s": lambda: ours.generate(**inputs, max_new_tokens=1, eos_token_ids=[]),
-            "ttft8": lambda: ours.generate(**batch, max_new_tokens=1, eos_token_ids=[]),
-            "gen1": lambda: ours.generate(**inputs, max_new_tokens=N, eos_token_ids=[]),
-            "gen8": lambda: ours.generate(**batch, max_new_tokens=N, eos_token_ids=[]),
-        },
-        "transformers": {
-            "preprocess_s": lambda: hproc(text=text, images=[img], return_tensors="pt"),
-            "vision_s": lambda: ref.model.visual(
-                inputs["pixel_values"].to(dtype), grid_thw=inputs["image_grid_thw"]
-            ),
-            "ttft_s": lambda: ref.generate(**inputs, max_new_tokens=1, generation_config=cfg),
-            "ttft8": lambda: ref.generate(**batch, max_new_tokens=1, generation_config=cfg),
-            "gen1": lambda: ref.generate(**inputs, max_new_tokens=N, generation_config=cfg),
-            "gen8": lambda: ref.generate(**batch, max_new_tokens=N, generation_config=cfg),
-        },
-    }
+    pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
+    runs = generation_runs(
+        ours,
+        ref,
+        inputs,
+        batch,
+        a.new_tokens,
+        (lambda: proc(text=text, images=[img]), lambda: hproc(text=text, images=[img], return_tensors="pt")),
+        (lambda: ours.visual(pixels, grid.cpu()), lambda: ref.model.visual(pixels, grid_thw=grid)),
+    )
     print(
-        f"qwen2_vl {a.size}: {n_params / 1e6:.1f}M parameters, {device}, {dtype}, prompt "
-        f"{inputs['input_ids'].shape[1]} tokens ({int(inputs['image_grid_thw'].prod()) // 4} visual), {N} new"
+        f"qwen2_vl {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
+        f"{dtype}, prompt {inputs['input_ids'].shape[1]} tokens ({int(grid.prod()) // 4} visual), "
+        f"{a.new_tokens} new"
     )
     return runs
 
 
 def bench_paligemma(a, device, dtype):
-    from transformers import AutoProcessor, GenerationConfig, PaliGemmaForConditionalGeneration
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
     import paligemma
 
@@ -114,37 +123,28 @@ def bench_paligemma(a, device, dtype):
     )
     ref = ref.to(device).eval()
     hproc = AutoProcessor.from_pretrained(dirs["hf5"])
-    n_params = sum(p.numel() for p in ours.parameters())
     img = Image.fromarray(tiny.synthetic_image(240, 320))
     text = "answer en " + "what is in this picture and where is it? " * 3
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
     batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
-    N = a.new_tokens
-    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
-    runs = {
-        "ours": {
-            "preprocess_s": lambda: proc(text=text, images=[img]),
-            "vision_s": lambda: ours.multi_modal_projector(
-                ours.vision_tower(inputs["pixel_values"].to(dtype))
-            ),
-            "ttft_s": lambda: ours.generate(**inputs, max_new_tokens=1, eos_token_ids=[]),
-            "ttft8": lambda: ours.generate(**batch, max_new_tokens=1, eos_token_ids=[]),
-            "gen1": lambda: ours.generate(**inputs, max_new_tokens=N, eos_token_ids=[]),
-            "gen8": lambda: ours.generate(**batch, max_new_tokens=N, eos_token_ids=[]),
-        },
-        "transformers": {
-            "preprocess_s": lambda: hproc(text=text, images=[img], return_tensors="pt"),
-            "vision_s": lambda: ref.model.get_image_features(inputs["pixel_values"].to(dtype)),
-            "ttft_s": lambda: ref.generate(**inputs, max_new_tokens=1, generation_config=cfg),
-            "ttft8": lambda: ref.generate(**batch, max_new_tokens=1, generation_config=cfg),
-            "gen1": lambda: ref.generate(**inputs, max_new_tokens=N, generation_config=cfg),
-            "gen8": lambda: ref.generate(**batch, max_new_tokens=N, generation_config=cfg),
-        },
-    }
+    pixels = inputs["pixel_values"].to(dtype)
+    runs = generation_runs(
+        ours,
+        ref,
+        inputs,
+        batch,
+        a.new_tokens,
+        (lambda: proc(text=text, images=[img]), lambda: hproc(text=text, images=[img], return_tensors="pt")),
+        (
+            lambda: ours.multi_modal_projector(ours.vision_tower(pixels)),
+            lambda: ref.model.get_image_features(pixels),
+        ),
+    )
     n_img = int((inputs["input_ids"] == proc.image_token_id).sum())
     print(
-        f"{a.model} {a.size}: {n_params / 1e6:.1f}M parameters, {device}, {dtype}, "
-        f"HF attention {impl}, prompt {inputs['input_ids'].shape[1]} tokens ({n_img} image), {N} new"
+        f"{a.model} {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
+        f"{dtype}, HF attention {impl}, prompt {inputs['input_ids'].shape[1]} tokens ({n_img} image), "
+        f"{a.new_tokens} new"
     )
     return runs
 

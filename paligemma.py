@@ -312,7 +312,8 @@ def parse_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[flo
     """Detection output -> [(label, (x0, y0, x1, y1)) in pixels of the original image].
     The model answers "detect cat ; dog" with "<loc0212><loc0096><loc0870><loc0540> cat ; <loc...>... dog":
     four tokens per box in the order y0, x0, y1, x1, each a coordinate on a 0-1023 grid over the (squashed)
-    image, so a value v maps back to v / 1024 of the image's side."""
+    image, so a value v maps back to v / 1024 of the image's side. Segmentation answers add 16 <segDDD> codes
+    per mask, which need a VQ-VAE decoder that the checkpoints do not include: out of scope here."""
     boxes = []
     for y0, x0, y1, x1, label in LOC_BOX.findall(text):
         y0, y1 = sorted((int(y0) / 1024 * height, int(y1) / 1024 * height))  # corners in order, whatever
@@ -598,8 +599,10 @@ def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = N
         query b  .  x  x  x  x  x  x  x
 
     With a sliding window (Gemma2's even layers), the causal part keeps only the last `window` keys (the
-    query's own included); the prefix block stays bidirectional whatever the distance, as in the reference.
-    A padding query sees only itself, so no row is empty (SDPA would return NaN); its output is unused."""
+    query's own included), so there the answer sees only the end of the prefix; the prefix block itself stays
+    bidirectional whatever the distance, as in the reference.
+    A padding query always sees at least itself, so no row is empty (SDPA would return NaN); its output is
+    unused."""
     S = keep.shape[1]
     s = torch.arange(S, device=keep.device)
     t = torch.arange(offset, offset + T, device=keep.device)[:, None]
