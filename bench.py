@@ -3,7 +3,7 @@
     python bench.py --model qwen2_vl --size small --device cpu
     python bench.py --model paligemma2 --size tiny --device cuda --dtype bfloat16
 
---model: qwen2_vl, paligemma (PaliGemma 1: Gemma) or paligemma2 (Gemma2).
+--model: qwen2_vl, paligemma (PaliGemma 1: Gemma), paligemma2 (Gemma2) or llava_onevision.
 
 One checkpoint is built with random weights (tests/tiny.py, the same builder as the tests) and loaded
 by both implementations. Printed per implementation: preprocessing, vision encoder, time to first token
@@ -149,7 +149,54 @@ def bench_paligemma(a, device, dtype):
     return runs
 
 
-BENCHES = {"qwen2_vl": bench_qwen2_vl, "paligemma": bench_paligemma, "paligemma2": bench_paligemma}
+def bench_llava_onevision(a, device, dtype):
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    import llava_onevision
+
+    dirs = tiny.build_llava_onevision(Path(tempfile.mkdtemp()), a.size)
+    ours, proc = llava_onevision.load(dirs["hf5"], device=device, dtype=dtype)
+    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        dirs["hf5"], dtype=dtype, attn_implementation="sdpa"
+    )
+    ref = ref.to(device).eval()
+    hproc = AutoProcessor.from_pretrained(dirs["hf5"])
+    tile = ours.cfg.vision_config.image_size
+    img = Image.fromarray(tiny.synthetic_image(tile * 3 // 2, tile * 2))  # a 2 x 2 tile grid plus the base
+    content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
+    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
+    px, sizes, n = inputs["pixel_values"].to(dtype), inputs["image_sizes"], inputs["batch_num_images"]
+    runs = generation_runs(
+        ours,
+        ref,
+        inputs,
+        batch,
+        a.new_tokens,
+        (
+            lambda: proc(text=text, images=[img]),
+            lambda: hproc(text=[text], images=[img], return_tensors="pt"),
+        ),
+        (
+            lambda: ours.image_features(px, sizes, n),
+            lambda: ref.model.get_image_features(px, sizes, batch_num_images=n),
+        ),
+    )
+    n_img = int((inputs["input_ids"] == proc.image_token_id).sum())
+    print(
+        f"llava_onevision {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
+        f"{device}, {dtype}, prompt {inputs['input_ids'].shape[1]} tokens ({n_img} image), {a.new_tokens} new"
+    )
+    return runs
+
+
+BENCHES = {
+    "qwen2_vl": bench_qwen2_vl,
+    "llava_onevision": bench_llava_onevision,
+    "paligemma": bench_paligemma,
+    "paligemma2": bench_paligemma,
+}
 
 
 def main():

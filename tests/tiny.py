@@ -527,3 +527,148 @@ def build_paligemma(root: Path, version: int = 1, size: str = "tiny") -> dict[st
 
     write_safetensors({published_key(k): t for k, t in state.items() if published_key(k)}, hub, shards=2)
     return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaVA-OneVision
+
+LLAVA_OV_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+LLAVA_OV_TEMPLATE = (Path(__file__).parent / "data" / "llava_onevision" / "chat_template.jinja").read_text()
+LLAVA_OV_TILE = 56  # px: 4 x 4 features per tile, 2 x 2 per video frame after pooling
+LLAVA_OV_SIDES = (56, 112, 168, 224)  # 16 pinpoints, up to 4 x 4 tiles: enough to trigger the 9-tile shrink
+LLAVA_OV_SIZES = {  # text (D, layers, heads, kv heads, FFN), vision (layers, width, heads, FFN), tile, sides
+    "tiny": ((64, 2, 4, 2, 128), (2, 32, 4, 64), LLAVA_OV_TILE, LLAVA_OV_SIDES),
+    "small": ((640, 10, 10, 2, 2048), (6, 384, 6, 1536), 384, (384, 768, 1152)),  # about 60M parameters
+}
+
+
+def llava_onevision_hf_config(ids: dict[str, int], vocab: int, size: str = "tiny"):
+    from transformers import LlavaOnevisionConfig
+
+    (D, n_layers, H, Hkv, ffn), (v_layers, Dv, Hv, v_ffn), tile, sides = LLAVA_OV_SIZES[size]
+    cfg = LlavaOnevisionConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab,
+            hidden_size=D,
+            intermediate_size=ffn,
+            num_hidden_layers=n_layers,
+            num_attention_heads=H,
+            num_key_value_heads=Hkv,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=Dv,
+            intermediate_size=v_ffn,
+            num_hidden_layers=v_layers,
+            num_attention_heads=Hv,
+            patch_size=14,
+            image_size=tile,
+            vision_use_head=False,
+        ),
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=[[h, w] for h in sides for w in sides],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_llava_onevision(root: Path, size: str = "tiny") -> dict[str, Path]:
+    """Two directories holding the same weights:
+    - "hf5": what transformers 5.23 `save_pretrained` writes (nested processor_config.json, .jinja template);
+    - "hub": the published llava-hf layout (image_newline, vision_tower.vision_model.*,
+      language_model.model.*, two shards, preprocessor_config.json + processor_config.json,
+      chat_template.json)."""
+    from transformers import (
+        AutoTokenizer,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    dirs = {k: root / f"llava_onevision_{size}_{k}" for k in ("hf5", "hub")}
+    hf5 = dirs["hf5"]
+    hf5.mkdir(parents=True, exist_ok=True)
+    ids = make_tokenizer(hf5, LLAVA_OV_SPECIALS)
+    vocab = json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]
+    tok_cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (hf5 / "tokenizer_config.json").write_text(json.dumps(dict(tok_cfg, unk_token=None, bos_token=None)))
+    (_, _, tile, sides), half = LLAVA_OV_SIZES[size], [0.5, 0.5, 0.5]
+    pinpoints = [[h, w] for h in sides for w in sides]
+    image_kw = dict(size={"height": tile, "width": tile}, image_mean=half, image_std=half)
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(image_grid_pinpoints=pinpoints, **image_kw),
+        video_processor=LlavaOnevisionVideoProcessor(**image_kw),
+        tokenizer=AutoTokenizer.from_pretrained(hf5),
+        num_image_tokens=(tile // 14) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_OV_TEMPLATE,
+    )
+    processor.save_pretrained(hf5)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(llava_onevision_hf_config(ids, len(vocab), size)).eval()
+    randomize_(model)
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 1.0)
+        for name, p in model.named_parameters():  # decoder layers strong enough that greedy decoding moves on
+            if ".layers." in name and "language_model" in name and p.ndim == 2:
+                p.mul_(LAYER_GAIN)
+    model.save_pretrained(hf5)
+    (hf5 / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]})
+    )
+
+    saved = json.loads((hf5 / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    state = load_file(str(hf5 / "model.safetensors"))
+    hub = dirs["hub"]
+    hub.mkdir(exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+        (hub / f).write_text((hf5 / f).read_text())
+    (hub / "preprocessor_config.json").write_text(
+        json.dumps(
+            dict(
+                image_kw,
+                do_pad=True,
+                image_grid_pinpoints=pinpoints,
+                resample=3,
+                image_processor_type="LlavaOnevisionImageProcessor",
+                processor_class="LlavaOnevisionProcessor",
+            )
+        )
+    )
+    (hub / "processor_config.json").write_text(
+        json.dumps(
+            {
+                "num_image_tokens": (tile // 14) ** 2,
+                "processor_class": "LlavaOnevisionProcessor",
+                "vision_feature_select_strategy": "full",
+            }
+        )
+    )
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_OV_TEMPLATE}))
+    published = {k: v for k, v in saved.items() if k not in ("dtype", "transformers_version")}
+    published["text_config"] = {
+        k: v for k, v in saved["text_config"].items() if k not in ("rope_parameters", "layer_types", "dtype")
+    }
+    published["text_config"]["rope_theta"] = 1e6  # the flat rope field of the 2024 files
+    (hub / "config.json").write_text(json.dumps(published, indent=2))
+
+    def published_key(k: str) -> str:
+        k = re.sub(r"^model\.", "", k)
+        k = re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", k)
+        return re.sub(r"^language_model\.(?!model\.|lm_head)", "language_model.model.", k)
+
+    write_safetensors({published_key(k): t for k, t in state.items()}, hub, shards=2)
+    return dirs

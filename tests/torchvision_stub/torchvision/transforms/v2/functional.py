@@ -51,6 +51,11 @@ def pad(image: torch.Tensor, padding, fill=0, padding_mode="constant") -> torch.
     if padding_mode != "constant":
         raise NotImplementedError("torchvision stand-in: only constant padding")
     left, top, right, bottom = padding if len(padding) == 4 else (padding[0], padding[1]) * 2
+    if isinstance(fill, (list, tuple)):  # one value per channel
+        return torch.stack(
+            [F.pad(image[..., c, :, :], (left, right, top, bottom), value=v) for c, v in enumerate(fill)],
+            dim=-3,
+        )
     return F.pad(image, (left, right, top, bottom), value=fill)
 
 

@@ -1,0 +1,903 @@
+"""LLaVA-OneVision in one file: anyres tiling, SigLIP vision tower, two-layer projector with image_newline,
+Qwen2 decoder, generation, for single images, several images and videos.
+
+What is special about this model:
+- "anyres_max_9" for a single image: the image is fitted (aspect kept) into the best of 36 resolutions from
+  384x384 to 2304x2304, padded with black, cut into 384x384 tiles; the whole image squashed to 384x384 comes
+  first as the "base" tile. Every tile gives 27x27 = 729 SigLIP features.
+- The tile features are stitched back into one feature map, the black padding is cut away ("unpad"), the
+  map is shrunk with bilinear interpolation when it holds more than 9 tiles' worth of features, and a learned
+  `image_newline` vector ends every row. The base tile's 729 features go first, without newlines.
+- Several images in one prompt: each is padded to a square (grey), squashed to 384x384: 729 features + one
+  newline. A video: every frame's 27x27 features are shrunk to 14x14 (bilinear), all frames are
+  concatenated and one newline ends the video.
+- SigLIP-So400m with 26 layers; the features are taken before the final LayerNorm (which the checkpoint
+  still stores but which is never used), then Linear-GELU-Linear into the Qwen2 decoder (1-D positions).
+- Chat format: Qwen's <|im_start|>/<|im_end|> with no default system turn, the images and videos of a turn
+  right after its role, each text item after a newline.
+
+Shape legend: B batch, T tokens in this call, S key length (cache + T), D model width, H query heads, Hkv kv
+heads, Dh head dim, N vision patches, Dv vision width, F video frames, V vocabulary.
+
+Worked example (0.5b-ov): a 480x640 photo -> best resolution 768x768 -> fitted to 576x768, padded to 768x768
+-> 4 tiles + the base = 5 x (3, 384, 384) -> 5 x 729 features -> a 54x54 map, unpadded to 40x54 rows x columns
+(the padding was 7 feature rows top and bottom), 2160 features <= 9 x 729 so no shrink -> 40 rows x (54 + 1
+newline) = 2200, plus the base 729 = 2929 tokens of width 896.
+
+Paper: "LLaVA-OneVision: Easy Visual Task Transfer" (arXiv 2408.03326). Matches transformers 5.23
+`models/llava_onevision/` (modeling, image/video processing, processing) with `siglip/` and `qwen2/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ==========================================================================================================
+# 1. Config
+# ==========================================================================================================
+
+DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+PRESETS = {
+    f"{s}-{k}": f"llava-hf/llava-onevision-qwen2-{s}-{k}-hf" for s in ("0.5b", "7b") for k in ("si", "ov")
+}
+SIDES = (384, 768, 1152, 1536, 1920, 2304)
+PINPOINTS = tuple((h, w) for h in SIDES for w in SIDES)  # the 36 (height, width) resolutions to choose from
+
+
+@dataclass(frozen=True)
+class VisionConfig:  # SigLIP-So400m/14 at 384 px, its 27th layer removed
+    hidden_size: int = 1152  # Dv
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class TextConfig:  # Qwen2-0.5B
+    vocab_size: int = 152000
+    hidden_size: int = 896  # D
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14  # H
+    num_key_value_heads: int = 2  # Hkv
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+
+
+@dataclass(frozen=True)
+class LlavaOnevisionConfig:
+    text_config: TextConfig = field(default_factory=TextConfig)
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151646  # <image>
+    video_token_id: int = 151647  # <video>
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = PINPOINTS
+    max_tiles: int = 9  # "anyres_max_9": the feature map is shrunk above 9 tiles' worth
+    vision_feature_layer: int = -1  # which hidden state of the tower (-1: after its last layer)
+    tie_word_embeddings: bool = True  # 0.5b: true, 7b: false
+
+    @staticmethod
+    def from_hf(d: dict) -> LlavaOnevisionConfig:
+        """Reads config.json (published and transformers-5 formats: both nest text_config/vision_config;
+        fields a file leaves out take transformers' class defaults, e.g. Qwen2's rope_theta of 10000)."""
+        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+        if d.get("vision_feature_select_strategy", "full") != "full":
+            raise ValueError(
+                "vision_feature_select_strategy must be 'full' (SigLIP has no class token to drop)"
+            )
+        if not isinstance(d.get("vision_feature_layer", -1), int) or d.get("vision_feature_layer", -1) >= 0:
+            raise ValueError("vision_feature_layer must be one negative layer index (the released -1)")
+        aspect = d.get("vision_aspect_ratio", "anyres_max_9")
+        if not re.fullmatch(r"anyres_max_\d+", aspect):
+            raise ValueError(
+                f"vision_aspect_ratio={aspect!r}: llava_onevision.py implements anyres_max_N only"
+            )
+        if (
+            d.get("projector_hidden_act", "gelu") != "gelu"
+            or d.get("multimodal_projector_bias", True) is not True
+        ):
+            raise ValueError("the projector must be Linear-GELU-Linear with biases, as released")
+        rope = t.get("rope_parameters") or {}
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", 151936),
+            hidden_size=t.get("hidden_size", 4096),
+            intermediate_size=t.get("intermediate_size", 22016),
+            num_hidden_layers=t.get("num_hidden_layers", 32),
+            num_attention_heads=t.get("num_attention_heads", 32),
+            num_key_value_heads=t.get("num_key_value_heads", t.get("num_attention_heads", 32)),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+            max_position_embeddings=t.get("max_position_embeddings", 32768),
+        )
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 1152),
+            intermediate_size=v.get("intermediate_size", 4304),
+            num_hidden_layers=v.get("num_hidden_layers", 26),
+            num_attention_heads=v.get("num_attention_heads", 16),
+            num_channels=v.get("num_channels", 3),
+            image_size=v.get("image_size", 384),
+            patch_size=v.get("patch_size", 14),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+        )
+        return LlavaOnevisionConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 151646)),
+            video_token_id=d.get("video_token_index", d.get("video_token_id", 151647)),
+            image_grid_pinpoints=tuple(tuple(p) for p in d.get("image_grid_pinpoints") or PINPOINTS),
+            max_tiles=int(aspect.removeprefix("anyres_max_")),
+            vision_feature_layer=d.get("vision_feature_layer", -1),
+            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+        )
+
+
+# ==========================================================================================================
+# 2. Preprocessing and prompt
+# ==========================================================================================================
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionInputConfig:
+    """Tile size, normalisation and resolutions, for images or for video frames."""
+
+    size: int = 384  # tile side = the vision tower's image_size
+    image_mean: tuple[float, ...] = CLIP_MEAN  # NOTE: the class default; the released checkpoints use 0.5
+    image_std: tuple[float, ...] = CLIP_STD
+    pinpoints: tuple[tuple[int, int], ...] = PINPOINTS
+    grid: int = 27  # features per tile side (num_image_tokens = 729 = 27 x 27)
+    max_tiles: int = 9
+
+    @staticmethod
+    def from_hf(d: dict, num_image_tokens: int = 729, aspect: str = "anyres_max_9") -> VisionInputConfig:
+        size = d.get("size") or {}
+        if d.get("resample", 3) != 3:
+            raise ValueError(
+                f"resample={d['resample']} in the processor config: only bicubic (3) is supported"
+            )
+        return VisionInputConfig(
+            size=size.get("height", size.get("shortest_edge", 384)),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+            pinpoints=tuple(tuple(p) for p in d.get("image_grid_pinpoints") or PINPOINTS),
+            grid=math.isqrt(num_image_tokens),
+            max_tiles=int(aspect.removeprefix("anyres_max_")),
+        )
+
+
+def select_best_resolution(H: int, W: int, pinpoints) -> tuple[int, int]:
+    """The (height, width) that keeps the most of the image's pixels when it is fitted inside (aspect kept,
+    never enlarged beyond its own area), and on a tie wastes the fewest. The first wins a full tie."""
+    best, best_kept, best_waste = None, 0, math.inf
+    for h, w in pinpoints:
+        scale = min(w / W, h / H)
+        kept = min(int(W * scale) * int(H * scale), W * H)
+        waste = h * w - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (h, w), kept, waste
+    return best
+
+
+def fit_inside(H: int, W: int, h: int, w: int) -> tuple[int, int]:
+    """The size an H x W image is resized to so it fits h x w with its aspect ratio (rounded up)."""
+    if w / W < h / H:
+        return min(math.ceil(H * w / W), h), w
+    return h, min(math.ceil(W * h / H), w)
+
+
+def anyres_layout(H: int, W: int, cfg: VisionInputConfig) -> dict:
+    """Everything about an image's anyres features, from its size alone (the processor counts tokens with it,
+    the model packs features with it, so the two always agree):
+      tiles (rows, cols) of 384 tiles; the stitched map of rows*27 x cols*27 features; `crop` feature rows
+      (or columns, `crop_cols`) cut from each side to undo the letterbox padding; `size` of the map after
+      the crop and after the shrink; `tokens` = 729 (base) + rows' * (cols' + 1 newline)."""
+    bh, bw = select_best_resolution(H, W, cfg.pinpoints)
+    G = cfg.grid
+    h, w = bh // cfg.size * G, bw // cfg.size * G  # the stitched feature map
+    crop_rows = crop_cols = 0
+    # NOTE: compare aspect ratios, then round the scaled side to 7 decimals before int(), as the reference.
+    if W / H > w / h:
+        crop_rows = (h - int(round(H * (w / W), 7))) // 2
+    else:
+        crop_cols = (w - int(round(W * (h / H), 7))) // 2
+    ch, cw = h - 2 * crop_rows, w - 2 * crop_cols
+    ratio = math.sqrt(ch * cw / (cfg.max_tiles * G * G))
+    rh, rw = (int(ch // ratio), int(cw // ratio)) if ratio > 1.1 else (ch, cw)
+    return dict(
+        tiles=(bh // cfg.size, bw // cfg.size),
+        crop_rows=crop_rows,
+        crop_cols=crop_cols,
+        cropped=(ch, cw),
+        size=(rh, rw),
+        tokens=G * G + rh * (rw + 1),
+    )
+
+
+def resize_uint8(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> (..., 3, h, w) uint8. NOTE: the reference resizes uint8 tensors with
+    torchvision (antialiased bicubic, rounded back to uint8), which is exactly torch's uint8 interpolate."""
+    if x.shape[-2:] == (h, w):
+        return x
+    return F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(h, w), mode="bicubic", antialias=True).view(
+        *x.shape[:-2], h, w
+    )
+
+
+def normalize(x: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:  # uint8 -> float32, (x - 255m) / 255s
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
+    return (x.float() - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)
+
+
+def anyres_tiles(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
+    """(3, H, W) uint8 -> (1 + rows*cols, 3, 384, 384) float32: the base image squashed to 384x384, then the
+    tiles of the image fitted into the best resolution and padded with black (0) around it, row by row."""
+    H, W = image.shape[-2:]
+    S = cfg.size
+    bh, bw = select_best_resolution(H, W, cfg.pinpoints)
+    nh, nw = fit_inside(H, W, bh, bw)
+    top, left = (bh - nh) // 2, (bw - nw) // 2  # the odd pixel of padding goes to the bottom / right
+    canvas = torch.zeros(3, bh, bw, dtype=torch.uint8)
+    canvas[:, top : top + nh, left : left + nw] = resize_uint8(image, nh, nw)
+    tiles = canvas.view(3, bh // S, S, bw // S, S).permute(1, 3, 0, 2, 4).reshape(-1, 3, S, S)
+    return normalize(torch.cat([resize_uint8(image, S, S)[None], tiles]), cfg)  # (1 + n, 3, S, S)
+
+
+def square_tile(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
+    """(3, H, W) uint8 -> (1, 3, 384, 384): padded to a square with the colour int(255 mean), squashed."""
+    H, W = image.shape[-2:]
+    L = max(H, W)
+    fill = torch.tensor([int(m * 255) for m in cfg.image_mean], dtype=torch.uint8).view(3, 1, 1)
+    canvas = fill.expand(3, L, L).clone()
+    top, left = (L - H) // 2, (L - W) // 2
+    canvas[:, top : top + H, left : left + W] = image
+    return normalize(resize_uint8(canvas, cfg.size, cfg.size), cfg)[None]
+
+
+def to_uint8(image) -> torch.Tensor:  # PIL / array / path -> (3, H, W) uint8
+    return torch.from_numpy(np.array(common.load_image(image))).permute(2, 0, 1).contiguous()
+
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+
+
+class Processor:
+    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
+    LlavaOnevisionProcessor: input_ids, attention_mask, pixel_values (images, max tiles, 3, 384, 384),
+    image_sizes (images, 2) as (H, W), batch_num_images, pixel_values_videos (videos, F, 3, 384, 384)."""
+
+    def __init__(self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig):
+        self.tokenizer, self.image, self.video = tokenizer, image, video
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
+        self.pad_token_id = tokenizer.token_id("<|endoftext|>")
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from preprocessor_config.json + processor_config.json (published repos) or the nested
+        processor_config.json (transformers 5). Without a video config the image values are used."""
+        p = (
+            common.read_json(ckpt / "processor_config.json")
+            if (ckpt / "processor_config.json").is_file()
+            else {}
+        )
+        image_d, video_d = p.get("image_processor", {}), p.get("video_processor")
+        if (ckpt / "preprocessor_config.json").is_file():
+            image_d = common.read_json(ckpt / "preprocessor_config.json")
+        if (ckpt / "video_preprocessor_config.json").is_file():
+            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
+        extra = (p.get("num_image_tokens", 729), p.get("vision_aspect_ratio", "anyres_max_9"))
+        return Processor(
+            common.Tokenizer(ckpt / "tokenizer.json"),
+            VisionInputConfig.from_hf(image_d, *extra),
+            VisionInputConfig.from_hf(image_d if video_d is None else video_d, *extra),
+        )
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Exactly what the llava-hf chat template renders. Per message: "<|im_start|>" + role + " ", then
+        every image item as <image> and every video item as <video> (whatever their place among the text
+        items), then each text item after a "\\n", then "<|im_end|>" (no newline after it). Example:
+        <|im_start|>user <image>\\nWhat is shown?<|im_end|><|im_start|>assistant\\n"""
+        out = []
+        for m in messages:
+            items = (
+                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+            )
+            out.append(f"<|im_start|>{m['role']} ")
+            out += [IMAGE_TOKEN for it in items if it.get("type") == "image"]
+            out += [VIDEO_TOKEN for it in items if it.get("type") == "video"]
+            out += ["\n" + it["text"] for it in items if it.get("type") == "text"]
+            out.append("<|im_end|>")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    def load_video(self, path: str, num_frames: int = 8) -> common.Video:
+        """`num_frames` frames sampled uniformly (the model card uses 8; never every frame by accident)."""
+        return common.load_video(path, num_frames=num_frames)
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        out = []
+        for video in videos:
+            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
+            if isinstance(frames, np.ndarray) and frames.ndim == 4:
+                x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+            else:
+                x = torch.stack([to_uint8(f) for f in frames]) if len(frames) else torch.zeros(0)
+            if x.shape[0] == 0:
+                raise ValueError("a video with zero frames was given")
+            out.append(normalize(resize_uint8(x, self.video.size, self.video.size), self.video))
+        if len({v.shape[0] for v in out}) > 1:
+            raise ValueError(
+                f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
+            )
+        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 384, 384)
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        """`images`: in the order of the <image> placeholders, flat or one list per row. A row with one image
+        gets the anyres tiles; a row with several gets one square tile per image (the released model's
+        rule; transformers decides from how the list is nested)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+        images = [im for x in images for im in (x if isinstance(x, (list, tuple)) else [x])]
+        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        per_row = [t.count(IMAGE_TOKEN) for t in texts]
+        for n, media, what in (
+            (sum(per_row), images, IMAGE_TOKEN),
+            (sum(t.count(VIDEO_TOKEN) for t in texts), videos, VIDEO_TOKEN),
+        ):
+            if n != len(media):
+                raise ValueError(
+                    f"the prompt has {n} {what} placeholder(s) but {len(media)} were given: one placeholder "
+                    "per item (use apply_chat_template)"
+                )
+        out, per_image, per_video = {}, [], []
+        if images:
+            several = [n > 1 for n in per_row for _ in range(n)]  # is the image one of several in its row?
+            pixels, sizes = [], []
+            for image, s in zip(images, several, strict=True):
+                x = to_uint8(image)
+                sizes.append(list(x.shape[-2:]))
+                pixels.append(square_tile(x, self.image) if s else anyres_tiles(x, self.image))
+                per_image.append(
+                    self.image.grid**2 + 1 if s else anyres_layout(*sizes[-1], self.image)["tokens"]
+                )
+            n_max = max(len(p) for p in pixels)  # pad with zero tiles to the longest image, as transformers
+            pixels = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, n_max - len(p))) for p in pixels]
+            out["pixel_values"] = torch.stack(pixels)  # (images, max tiles, 3, 384, 384)
+            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)  # (images, 2) as (H, W)
+            out["batch_num_images"] = torch.tensor([n for n in per_row if n], dtype=torch.long)
+        if videos:
+            out.update(self.preprocess_videos(videos))
+            n_frames = out["pixel_values_videos"].shape[1]
+            per_video = [n_frames * math.ceil(self.video.grid / 2) ** 2 + 1] * len(videos)  # + 1 newline
+        it = {IMAGE_TOKEN: iter(per_image), VIDEO_TOKEN: iter(per_video)}
+        pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+        ids = [
+            self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts
+        ]
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+# ==========================================================================================================
+# 3. Vision tower (SigLIP)
+# ==========================================================================================================
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P)
+        self.position_embedding = nn.Embedding(
+            G * G, cfg.hidden_size
+        )  # learned, one per patch, no class slot
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, N, Dv)
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, Dv), patches row by row
+        return x + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        Dv = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(Dv, Dv), nn.Linear(Dv, Dv), nn.Linear(Dv, Dv)
+        self.out_proj = nn.Linear(Dv, Dv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, Dv = x.shape
+        q, k, v = (
+            p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh): every patch sees every patch of its tile
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipVisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, feature_layer: int = -1):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        # `encoder.layers.{i}` as in the checkpoint (the encoder holds nothing but its layers)
+        layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})
+        self.n_used = cfg.num_hidden_layers + 1 + feature_layer  # hidden state -1 = after the last layer
+        # NOTE: no post_layernorm: the checkpoint stores one, but the features are taken before it
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, N, Dv)
+        x = self.embeddings(pixels)
+        for layer in self.encoder["layers"][: self.n_used]:
+            x = layer(x)
+        return x
+
+
+# ==========================================================================================================
+# 4. Projector
+# ==========================================================================================================
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: LlavaOnevisionConfig):
+        super().__init__()
+        D = cfg.text_config.hidden_size
+        self.linear_1 = nn.Linear(cfg.vision_config.hidden_size, D)
+        self.linear_2 = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, N, Dv) -> (n, N, D)
+        return self.linear_2(F.gelu(self.linear_1(x)))  # NOTE: the exact (erf) GELU here, tanh in SigLIP
+
+
+# ==========================================================================================================
+# 5. Language decoder (Qwen2)
+# ==========================================================================================================
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32, cast back, then scale (the Llama/Qwen order).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (B, T) -> cos, sin (B, T, Dh): angles in float32, then cast to the model dtype."""
+    Dh = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float, device=pos.device) / Dh)
+    angles = pos[..., None].float() * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1,
+    T, S). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
+    query length:
+
+        q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+    """
+    B, H, T, Dh = q.shape
+    G = H // k.shape[1]
+    y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
+    return y.view(B, H, T, Dh)
+
+
+class KVCache(nn.Module):
+    """Static cache of one layer: (B, Hkv, S_max, Dh) buffers written in place at the given slot."""
+
+    def __init__(self, B: int, Hkv: int, S_max: int, Dh: int, device, dtype):
+        super().__init__()
+        self.k = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+        self.v = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # only the filled slots are read
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        D, H, Hkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.H, self.Hkv, self.Dh = H, Hkv, D // H
+        self.q_proj = nn.Linear(D, H * self.Dh, bias=True)  # NOTE: Qwen2 has q/k/v biases, no o_proj bias
+        self.k_proj = nn.Linear(D, Hkv * self.Dh, bias=True)
+        self.v_proj = nn.Linear(D, Hkv * self.Dh, bias=True)
+        self.o_proj = nn.Linear(H * self.Dh, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, pos: int = 0):
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+        y = attend(q, k, v, mask)  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, pos, mask, caches: list[KVCache] | None = None, cache_pos: int = 0) -> torch.Tensor:
+        """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
+        cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_pos)
+        return self.norm(x)
+
+
+# ==========================================================================================================
+# 6. The VLM: pack image and video features, merge them, masks, forward, generate
+# ==========================================================================================================
+
+
+def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor:
+    """(B, S) bool of real (non-padding) keys -> (B, 1, T, S) bool, query t at slot offset + t.
+
+        keys:    p  p  a  b  c        (p = left padding, x = may attend)
+        query a  .  .  x  .  .
+        query b  .  .  x  x  .
+        query c  .  .  x  x  x
+    A padding query sees only itself, so no row is empty (SDPA would return NaN); its output is unused.
+    """
+    S = keep.shape[1]
+    s = torch.arange(S, device=keep.device)
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+
+
+class LlavaOnevision(nn.Module):
+    def __init__(self, cfg: LlavaOnevisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        tc, vc = cfg.text_config, cfg.vision_config
+        self.vision_tower = SiglipVisionTower(vc, cfg.vision_feature_layer)
+        self.multi_modal_projector = Projector(cfg)
+        self.image_newline = nn.Parameter(
+            torch.zeros(tc.hidden_size)
+        )  # ends every row of an image's features
+        self.language_model = Qwen2Model(tc)
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # 0.5b: the output projection is the embedding matrix
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.layout_cfg = VisionInputConfig(
+            size=vc.image_size,
+            pinpoints=cfg.image_grid_pinpoints,
+            grid=vc.image_size // vc.patch_size,
+            max_tiles=cfg.max_tiles,
+        )
+        self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
+        self.pad_token_id = 0
+        self.tokenizer: common.Tokenizer | None = None
+
+    def pack_anyres(self, f: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """One single-image sample: f (1 + rows*cols, 729, D) projected tile features -> (tokens, D): the base
+        tile, then the stitched, unpadded, maybe shrunk map row by row, a newline after each row."""
+        lay = anyres_layout(H, W, self.layout_cfg)
+        (rows, cols), G, D = lay["tiles"], self.layout_cfg.grid, f.shape[-1]
+        m = f[1:].view(rows, cols, G, G, D).permute(4, 0, 2, 1, 3).reshape(D, rows * G, cols * G)  # (D, h, w)
+        r, c = lay["crop_rows"], lay["crop_cols"]
+        m = m[:, r : m.shape[1] - r, c : m.shape[2] - c]  # unpad: (D, ch, cw)
+        if lay["size"] != lay["cropped"]:  # more than max_tiles' worth: shrink (bilinear, no antialias)
+            m = F.interpolate(m[None], size=lay["size"], mode="bilinear", align_corners=False)[0]
+        newline = self.image_newline.to(m.dtype)[:, None, None].expand(D, m.shape[1], 1)
+        m = torch.cat([m, newline], dim=2)  # (D, rh, rw + 1)
+        return torch.cat([f[0], m.flatten(1).T])  # (729 + rh * (rw + 1), D)
+
+    def image_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
+        """Per image (tokens, D): anyres packing for an image alone in its row, else its one square tile
+        (729 features) and a newline. All tiles of all images go through the tower in one batch."""
+        sizes = image_sizes.tolist()
+        counts = [1] * len(sizes) if batch_num_images is None else batch_num_images.tolist()
+        several = [n > 1 for n in counts for _ in range(n)]
+        n_tiles = [
+            1 if s else math.prod(anyres_layout(H, W, self.layout_cfg)["tiles"]) + 1
+            for s, (H, W) in zip(several, sizes, strict=True)
+        ]
+        tiles = torch.cat([px[:n] for px, n in zip(pixel_values, n_tiles, strict=True)])  # (sum n, 3, S, S)
+        feats = self.multi_modal_projector(self.vision_tower(tiles)).split(n_tiles)  # (n, 729, D) each
+        out = []
+        for f, s, (H, W) in zip(feats, several, sizes, strict=True):
+            out.append(
+                torch.cat([f[0], self.image_newline[None].to(f.dtype)]) if s else self.pack_anyres(f, H, W)
+            )
+        return out
+
+    def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """(videos, F, 3, S, S) -> (videos, F * 14 * 14 + 1, D): each frame's 27x27 features shrunk to 14x14
+        (bilinear, after the projector), the frames one after another, one newline at the very end."""
+        V, Fr = pixel_values_videos.shape[:2]
+        G = self.layout_cfg.grid
+        x = self.multi_modal_projector(self.vision_tower(pixel_values_videos.flatten(0, 1)))  # (V*F, G*G, D)
+        D = x.shape[-1]
+        x = x.view(V * Fr, G, G, D).permute(0, 3, 1, 2)  # (V*F, D, G, G)
+        x = F.interpolate(x, size=(math.ceil(G / 2), math.ceil(G / 2)), mode="bilinear", align_corners=False)
+        x = x.permute(0, 2, 3, 1).reshape(V, -1, D)  # (V, F * 14 * 14, D)
+        return torch.cat([x, self.image_newline.to(x.dtype).expand(V, 1, D)], dim=1)
+
+    def video_tokens(self, n_frames: int) -> int:
+        return n_frames * math.ceil(self.layout_cfg.grid / 2) ** 2 + 1  # 14 x 14 per frame + one newline
+
+    def expected_tokens(self, image_sizes, batch_num_images) -> list[int]:
+        counts = [1] * len(image_sizes) if batch_num_images is None else batch_num_images.tolist()
+        several = [n > 1 for n in counts for _ in range(n)]
+        G = self.layout_cfg.grid
+        return [
+            G * G + 1 if s else anyres_layout(H, W, self.layout_cfg)["tokens"]
+            for s, (H, W) in zip(several, image_sizes.tolist(), strict=True)
+        ]
+
+    def embed(
+        self, input_ids, pixel_values=None, image_sizes=None, batch_num_images=None, pixel_values_videos=None
+    ):
+        """Token embeddings with the image and video features written over their placeholders, in order.
+        The placeholder counts are checked against the images' sizes before the vision tower runs."""
+        x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
+        is_image, is_video = input_ids == self.cfg.image_token_id, input_ids == self.cfg.video_token_id
+        per_image = [] if pixel_values is None else self.expected_tokens(image_sizes, batch_num_images)
+        per_video = [] if pixel_values_videos is None else [self.video_tokens(pixel_values_videos.shape[1])]
+        per_video *= 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
+        for what, is_pad, need in (("image", is_image, per_image), ("video", is_video, per_video)):
+            if int(is_pad.sum()) != sum(need):
+                raise ValueError(
+                    f"the prompt has {int(is_pad.sum())} <{what}> tokens but the {what}s need {sum(need)} "
+                    f"({', '.join(map(str, need)) or 'none'} per {what}"
+                    + (f"; image sizes {image_sizes.tolist()}" if what == "image" and need else "")
+                    + "): pass the processor's output unchanged"
+                )
+        if pixel_values is not None:
+            feats = torch.cat(self.image_features(pixel_values.to(x.dtype), image_sizes, batch_num_images))
+            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        if pixel_values_videos is not None:
+            feats = self.video_features(pixel_values_videos.to(x.dtype)).flatten(0, 1)
+            x = x.masked_scatter(is_video[..., None], feats.to(x.dtype))
+        return x
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        batch_num_images=None,
+        pixel_values_videos=None,
+    ) -> torch.Tensor:
+        """The full forward pass without a cache: logits (B, T, V). Differentiable.
+        NOTE: positions count real tokens from 0 in every row (padding-aware, as transformers' generate does;
+        its cache-less forward numbers left-padded rows from the first column instead)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = self.language_model(x, pos, causal_padding_mask(attention_mask.bool(), input_ids.shape[1]))
+        return self.lm_head(h)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        batch_num_images=None,
+        pixel_values_videos=None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_ids: list[int] | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
+        tc = self.cfg.text_config
+        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        Dh = tc.hidden_size // tc.num_attention_heads
+        caches = [
+            KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
+            for _ in range(tc.num_hidden_layers)
+        ]
+        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
+        keep[:, :T] = attention_mask.bool()
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        h = self.language_model(x, pos, causal_padding_mask(keep[:, :T], T), caches, 0)
+        first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
+        if not bool(torch.isfinite(first).all()):
+            raise RuntimeError(
+                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
+            )
+        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
+
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:
+            mask = keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
+            h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
+            return self.lm_head(h[:, -1]).float()
+
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        return common.generate_loop(
+            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
+        )
+
+
+# ==========================================================================================================
+# 7. Weights
+# ==========================================================================================================
+
+
+def rename(key: str) -> str | None:
+    """Checkpoint key -> our name. Ours are transformers 5's names without the leading `model.`. The published
+    llava-hf repos nest deeper (`vision_tower.vision_model.*`, `language_model.model.*`,
+    `language_model.lm_head`); transformers 5 writes `model.*` in memory and a mix when it saves."""
+    key = re.sub(r"^model\.(?=vision_tower|multi_modal_projector|language_model|image_newline)", "", key)
+    key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
+    if key.startswith("vision_tower.post_layernorm."):
+        return None  # stored, never used: the features are taken before it
+    key = re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+    return re.sub(r"^language_model\.model\.", "language_model.", key)
+
+
+def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[LlavaOnevision, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+    ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
+    raw = common.read_json(ckpt / "config.json")
+    common.check_model_type(raw, "llava_onevision", "llava_onevision.py")
+    cfg = LlavaOnevisionConfig.from_hf(raw)
+    device = common.pick_device(device)
+    dtype = common.pick_dtype(dtype, device)
+    with torch.device("meta"):
+        model = LlavaOnevision(cfg)
+    tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
+    common.load_weights(model, ckpt, rename, device, dtype, tied)
+    processor = Processor.from_dir(ckpt)
+    if (processor.image.size, processor.image.grid) != (model.layout_cfg.size, model.layout_cfg.grid):
+        raise ValueError("the processor config's tile size does not match the vision tower's image_size")
+    model.eos_token_ids = common.read_eos_ids(ckpt, raw)
+    model.pad_token_id = processor.pad_token_id
+    model.tokenizer = processor.tokenizer
+    return model.eval(), processor
+
+
+# ==========================================================================================================
+# 8. Command line
+# ==========================================================================================================
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Chat with LLaVA-OneVision about images and videos.")
+    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
+    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
+    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--system", default=None, help="system message (default: none)")
+    ap.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly from each video")
+    common.add_generation_args(ap)
+    a = ap.parse_args(argv)
+
+    model, processor = load(a.model, a.device, a.dtype)
+    images = [common.load_image(src) for src in a.image]
+    videos = []
+    for src in a.video:
+        v = processor.load_video(src, a.num_frames)
+        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
+        videos.append(v.frames)
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
+    ]
+    inputs = processor(
+        text=processor.apply_chat_template(messages), images=images or None, videos=videos or None
+    )
+    n_visual = int(
+        (inputs["input_ids"] == processor.image_token_id).sum()
+        + (inputs["input_ids"] == processor.video_token_id).sum()
+    )
+    common.generate_and_report(model, inputs, a, n_visual=n_visual)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
