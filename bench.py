@@ -162,7 +162,10 @@ def bench_llava_onevision(a, device, dtype):
     ref = ref.to(device).eval()
     hproc = AutoProcessor.from_pretrained(dirs["hf5"])
     tile = ours.cfg.vision_config.image_size
-    img = Image.fromarray(tiny.synthetic_image(tile * 3 // 2, tile * 2))  # a 2 x 2 tile grid plus the base
+    # tiny: a 2 x 2 tile grid plus the base; small: 1 tile plus the base (1485 tokens), to keep CPU runs short
+    img = Image.fromarray(
+        tiny.synthetic_image(*((tile * 3 // 2, tile * 2) if a.size == "tiny" else (tile, tile)))
+    )
     content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
     text = proc.apply_chat_template([{"role": "user", "content": content}])
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
