@@ -45,6 +45,15 @@ def median_time(fn, device, repeats):
     return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
+def load_pair(module, hf_class, ckpt, device, dtype, impl="sdpa"):
+    """Our model and processor, and transformers' model and processor, from one checkpoint directory."""
+    from transformers import AutoProcessor
+
+    ours, proc = module.load(ckpt, device=device, dtype=dtype)
+    ref = hf_class.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl).to(device).eval()
+    return ours, proc, ref, AutoProcessor.from_pretrained(ckpt)
+
+
 def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
     """The timed calls of one model: `preprocess` and `vision` are (ours, transformers) pairs of callables."""
     from transformers import GenerationConfig
@@ -74,17 +83,12 @@ def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
 
 
 def bench_qwen2_vl(a, device, dtype):
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     import qwen2_vl
 
     dirs = tiny.build_qwen2_vl(Path(tempfile.mkdtemp()), a.size)
-    ours, proc = qwen2_vl.load(dirs["hf5"], device=device, dtype=dtype)
-    ref = Qwen2VLForConditionalGeneration.from_pretrained(
-        dirs["hf5"], dtype=dtype, attn_implementation="sdpa"
-    )
-    ref = ref.to(device).eval()
-    hproc = AutoProcessor.from_pretrained(dirs["hf5"])
+    ours, proc, ref, hproc = load_pair(qwen2_vl, Qwen2VLForConditionalGeneration, dirs["hf5"], device, dtype)
     img = Image.fromarray(tiny.synthetic_image(224, 224))
     content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
     text = proc.apply_chat_template([{"role": "user", "content": content}])
@@ -109,20 +113,17 @@ def bench_qwen2_vl(a, device, dtype):
 
 
 def bench_paligemma(a, device, dtype):
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+    from transformers import PaliGemmaForConditionalGeneration
 
     import paligemma
 
     version = 2 if a.model == "paligemma2" else 1
     dirs = tiny.build_paligemma(Path(tempfile.mkdtemp()), version, a.size)
-    ours, proc = paligemma.load(dirs["hf5"], device=device, dtype=dtype)
     # NOTE: Gemma2 has no SDPA path in transformers (soft-capping): its reference runs eager attention
     impl = "eager" if version == 2 else "sdpa"
-    ref = PaliGemmaForConditionalGeneration.from_pretrained(
-        dirs["hf5"], dtype=dtype, attn_implementation=impl
+    ours, proc, ref, hproc = load_pair(
+        paligemma, PaliGemmaForConditionalGeneration, dirs["hf5"], device, dtype, impl
     )
-    ref = ref.to(device).eval()
-    hproc = AutoProcessor.from_pretrained(dirs["hf5"])
     img = Image.fromarray(tiny.synthetic_image(240, 320))
     text = "answer en " + "what is in this picture and where is it? " * 3
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
@@ -150,17 +151,14 @@ def bench_paligemma(a, device, dtype):
 
 
 def bench_llava_onevision(a, device, dtype):
-    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     import llava_onevision
 
     dirs = tiny.build_llava_onevision(Path(tempfile.mkdtemp()), a.size)
-    ours, proc = llava_onevision.load(dirs["hf5"], device=device, dtype=dtype)
-    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        dirs["hf5"], dtype=dtype, attn_implementation="sdpa"
+    ours, proc, ref, hproc = load_pair(
+        llava_onevision, LlavaOnevisionForConditionalGeneration, dirs["hf5"], device, dtype
     )
-    ref = ref.to(device).eval()
-    hproc = AutoProcessor.from_pretrained(dirs["hf5"])
     tile = ours.cfg.vision_config.image_size
     # tiny: a 2 x 2 tile grid plus the base; small: 1 tile plus the base (1485 tokens), to keep CPU runs short
     img = Image.fromarray(

@@ -553,7 +553,7 @@ def mrope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)  # NOTE: cast to the model dtype before use
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1,
     T, S). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
     query length:
@@ -561,6 +561,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
         mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
     """
+    if mask is None:  # causal from slot 0, no padding: SDPA's fused is_causal path, kv heads shared by SDPA
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
     y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
@@ -707,16 +709,19 @@ def get_rope_index(
     return pos, delta
 
 
-def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor:
+def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor | None:
     """(B, S) bool of real (non-padding) keys -> (B, 1, T, S) bool, query t at slot offset + t.
 
         keys:    p  p  a  b  c        (p = left padding, x = may attend)
         query a  .  .  x  .  .
         query b  .  .  x  x  .
         query c  .  .  x  x  x
-    A padding query sees only itself, so no row is all False (SDPA would return NaN); its output is unused.
+    A padding query sees only itself, so no row is empty (SDPA would return NaN); its output is unused.
+    None when a prefill from slot 0 has no padding: plain causal attention needs no mask in memory.
     """
     S = keep.shape[1]
+    if offset == 0 and T == S and bool(keep.all()):
+        return None
     s = torch.arange(S, device=keep.device)
     t = torch.arange(offset, offset + T, device=keep.device)[:, None]
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]

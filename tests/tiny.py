@@ -672,3 +672,160 @@ def build_llava_onevision(root: Path, size: str = "tiny") -> dict[str, Path]:
 
     write_safetensors({published_key(k): t for k, t in state.items()}, hub, shards=2)
     return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Video-LLaVA
+
+VIDEO_LLAVA_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama; <image> <video> <pad> follow
+VIDEO_LLAVA_TEMPLATE = (Path(__file__).parent / "data" / "video_llava" / "chat_template.jinja").read_text()
+VIDEO_LLAVA_IMAGE = 56  # px: 4 x 4 = 16 patches (+ CLS for video frames)
+VIDEO_LLAVA_SIZES = {  # text (D, layers, heads, FFN), vision (layers, width, heads, FFN), image px
+    "tiny": ((64, 2, 4, 128), (3, 32, 4, 64), VIDEO_LLAVA_IMAGE),
+    "small": ((640, 10, 10, 2048), (6, 384, 6, 1536), 224),  # about 60M parameters + 2 towers
+}
+
+
+def make_llama_tokenizer(path: Path, vocab_size: int = 400) -> dict[str, int]:
+    """A tokenizer.json shaped like Llama 2's: Metaspace ("▁", prepended to the first word only), BPE with
+    byte fallback, a decoder that strips the prepended space, and a post-processor that puts <s> first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    ascii_chars = ["\n"] + [chr(i) for i in range(32, 127)]  # every ASCII character is a token ("USER:")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=VIDEO_LLAVA_SPECIALS,
+        initial_alphabet=ascii_chars,
+        show_progress=False,
+    )
+    tok.train_from_iterator(["\n".join(CORPUS)] * 20, trainer)
+    tok.add_special_tokens(["<image>", "<video>", "<pad>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    return {s: tok.token_to_id(s) for s in VIDEO_LLAVA_SPECIALS + ["<image>", "<video>", "<pad>"]}
+
+
+def video_llava_hf_config(ids: dict[str, int], vocab: int, size: str = "tiny"):
+    from transformers import VideoLlavaConfig
+
+    (D, n_layers, H, ffn), (v_layers, Dv, Hv, v_ffn), px = VIDEO_LLAVA_SIZES[size]
+    cfg = VideoLlavaConfig(
+        text_config=dict(
+            model_type="llama",
+            vocab_size=vocab,
+            hidden_size=D,
+            intermediate_size=ffn,
+            num_hidden_layers=n_layers,
+            num_attention_heads=H,
+            num_key_value_heads=H,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            pad_token_id=ids["<pad>"],
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=Dv,
+            intermediate_size=v_ffn,
+            num_hidden_layers=v_layers,
+            num_attention_heads=Hv,
+            patch_size=14,
+            image_size=px,
+            projection_dim=16,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        pad_token_id=ids["<pad>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(px // 14) ** 2,
+        video_seq_length=((px // 14) ** 2 + 1) * 8,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_video_llava(root: Path, size: str = "tiny") -> dict[str, Path]:
+    """Two directories holding the same weights:
+    - "hf5": what transformers 5.23 `save_pretrained` writes;
+    - "hub": the published layout (image_tower.vision_model.*, video_tower.vision_model.*,
+      language_model.model.*, language_model.lm_head.*, two shards, preprocessor_config.json,
+      chat_template.json)."""
+    from transformers import (
+        AutoTokenizer,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+        VideoLlavaProcessor,
+        VideoLlavaVideoProcessor,
+    )
+
+    dirs = {k: root / f"video_llava_{size}_{k}" for k in ("hf5", "hub")}
+    hf5 = dirs["hf5"]
+    hf5.mkdir(parents=True, exist_ok=True)
+    ids = make_llama_tokenizer(hf5)
+    tok_cfg = dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok_cfg.update(pad_token="<pad>", add_bos_token=True, add_eos_token=False, legacy=False)
+    (hf5 / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    vocab = len(json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    px = VIDEO_LLAVA_SIZES[size][2]
+    kw = dict(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
+    processor = VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**kw),
+        video_processor=VideoLlavaVideoProcessor(**kw),
+        tokenizer=AutoTokenizer.from_pretrained(hf5),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VIDEO_LLAVA_TEMPLATE,
+    )
+    processor.save_pretrained(hf5)
+    torch.manual_seed(0)
+    model = VideoLlavaForConditionalGeneration(video_llava_hf_config(ids, vocab, size)).eval()
+    randomize_(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # decoder layers strong enough that greedy decoding moves on
+            if ".layers." in name and "language_model" in name and p.ndim == 2:
+                p.mul_(LAYER_GAIN)
+    model.save_pretrained(hf5)
+    (hf5 / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": ids["<pad>"]})
+    )
+
+    saved = json.loads((hf5 / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    state = load_file(str(hf5 / "model.safetensors"))
+    hub = dirs["hub"]
+    hub.mkdir(exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (hub / f).write_text((hf5 / f).read_text())
+    clip = dict(
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]
+    )
+    (hub / "preprocessor_config.json").write_text(
+        json.dumps(dict(kw, **clip, resample=3, image_processor_type="VideoLlavaImageProcessor"))
+    )
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": VIDEO_LLAVA_TEMPLATE}))
+    published = {k: v for k, v in saved.items() if k not in ("dtype", "transformers_version")}
+    published["text_config"] = {
+        k: v for k, v in saved["text_config"].items() if k not in ("rope_parameters", "dtype")
+    }
+    published["text_config"]["rope_theta"] = 10000.0
+    (hub / "config.json").write_text(json.dumps(published, indent=2))
+
+    def published_key(k: str) -> str:
+        k = re.sub(r"^model\.", "", k)
+        k = re.sub(r"^(image|video)_tower\.(?!vision_model\.)", r"\1_tower.vision_model.", k)
+        k = re.sub(r"^lm_head\.", "language_model.lm_head.", k)
+        return re.sub(r"^language_model\.(?!model\.|lm_head)", "language_model.model.", k)
+
+    write_safetensors({published_key(k): t for k, t in state.items()}, hub, shards=2)
+    return dirs

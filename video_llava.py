@@ -1,0 +1,796 @@
+"""Video-LLaVA in one file: CLIP preprocessing, two CLIP ViT-L/14 towers (images, videos), a shared projector,
+the Llama (Vicuna) decoder, generation.
+
+What is special about this model:
+- Two vision towers with the same CLIP ViT-L/14 architecture (written once below, instantiated twice) but
+  different weights: LanguageBind's image encoder for images, its video encoder for video frames.
+- Features come from the penultimate layer (hidden state -2), after CLIP's `pre_layrnorm` and never through
+  `post_layernorm`. Images drop the class token (256 tokens each); video frames keep it (257 per frame).
+- A video is 8 frames, sampled uniformly (the model was trained with 8): 8 x 257 = 2056 tokens.
+- One projector (Linear-GELU-Linear) serves both towers; the decoder is Vicuna-7B v1.5 (Llama 2): RMSNorm eps
+  1e-5, 32 heads without GQA, RoPE theta 10000, 0-based positions.
+- Prompt: "USER: <image>\\n{question} ASSISTANT:", BOS first (the Llama tokenizer's own rule).
+
+Shape legend: B batch, T tokens in this call, S key length (cache + T), D model width, H query heads, Hkv kv
+heads, Dh head dim, N vision patches, Dv vision width, F video frames, V vocabulary.
+
+Worked example (Video-LLaVA-7B): a 480x640 photo -> shortest edge 224 -> 224x298 -> centre crop 224x224 ->
+image tower -> hidden state -2 (1, 257, 1024) -> drop CLS -> 256 x 1024 -> projector -> 256 x 4096. A video
+-> 8 frames of 224x224 -> video tower -> (8, 257, 1024) -> projector -> 2056 x 4096, frame after frame.
+
+Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before Projection" (arXiv
+2311.10122). Matches transformers 5.23 `models/video_llava/` with `clip/` and `llama/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+# ==========================================================================================================
+# 1. Config
+# ==========================================================================================================
+
+DEFAULT = "LanguageBind/Video-LLaVA-7B-hf"
+PRESETS = {"7b": DEFAULT}
+TRAINED_FRAMES = 8
+
+
+@dataclass(frozen=True)
+class VisionConfig:  # CLIP ViT-L/14 at 224 px
+    hidden_size: int = 1024  # Dv
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class TextConfig:  # Vicuna-7B v1.5 (Llama 2)
+    vocab_size: int = 32064
+    hidden_size: int = 4096  # D
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32  # H
+    num_key_value_heads: int = 32  # Hkv
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+
+@dataclass(frozen=True)
+class VideoLlavaConfig:
+    text_config: TextConfig = field(default_factory=TextConfig)
+    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 32000  # <image>
+    video_token_id: int = 32001  # <video>
+    pad_token_id: int = 32002
+    vision_feature_layer: int = -2  # the penultimate layer's output
+    tie_word_embeddings: bool = False
+
+    @staticmethod
+    def from_hf(d: dict) -> VideoLlavaConfig:
+        """Reads config.json (published and transformers-5 formats both nest text_config/vision_config;
+        fields a file leaves out take transformers' class defaults: Llama's, CLIP ViT-L/14's)."""
+        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+        if d.get("vision_feature_select_strategy", "default") != "default":
+            raise ValueError(
+                "vision_feature_select_strategy must be 'default' (images drop CLS), as released"
+            )
+        if not isinstance(d.get("vision_feature_layer", -2), int) or d.get("vision_feature_layer", -2) >= 0:
+            raise ValueError("vision_feature_layer must be one negative layer index (the released -2)")
+        if (
+            v.get("hidden_act", "quick_gelu") != "quick_gelu"
+            or d.get("projector_hidden_act", "gelu") != "gelu"
+        ):
+            raise ValueError(
+                "video_llava.py implements quick_gelu CLIP towers and a GELU projector, as released"
+            )
+        rope = t.get("rope_parameters") or {}
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", 32000),
+            hidden_size=t.get("hidden_size", 4096),
+            intermediate_size=t.get("intermediate_size", 11008),
+            num_hidden_layers=t.get("num_hidden_layers", 32),
+            num_attention_heads=t.get("num_attention_heads", 32),
+            num_key_value_heads=t.get("num_key_value_heads", t.get("num_attention_heads", 32)),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),  # NOTE: Llama's class default; Vicuna's file says 1e-5
+            rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+            max_position_embeddings=t.get("max_position_embeddings", 2048),
+        )
+        if (
+            t.get("attention_bias")
+            or t.get("mlp_bias")
+            or (t.get("rope_scaling") or rope.get("rope_type", "default") != "default")
+        ):
+            raise ValueError(
+                "video_llava.py implements the plain Llama 2 decoder (no biases, no RoPE scaling)"
+            )
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 768),
+            intermediate_size=v.get("intermediate_size", 3072),
+            num_hidden_layers=v.get("num_hidden_layers", 12),
+            num_attention_heads=v.get("num_attention_heads", 12),
+            num_channels=v.get("num_channels", 3),
+            image_size=v.get("image_size", 224),
+            patch_size=v.get("patch_size", 32),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+        )
+        return VideoLlavaConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+            video_token_id=d.get("video_token_index", d.get("video_token_id", 32001)),
+            pad_token_id=d.get("pad_token_id", t.get("pad_token_id", 32002)) or 0,
+            vision_feature_layer=d.get("vision_feature_layer", -2),
+            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+        )
+
+
+# ==========================================================================================================
+# 2. Preprocessing and prompt
+# ==========================================================================================================
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionInputConfig:
+    shortest_edge: int = 224
+    crop: int = 224
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @staticmethod
+    def from_hf(d: dict) -> VisionInputConfig:
+        size, crop = d.get("size") or {}, d.get("crop_size") or {}
+        if d.get("resample", 3) != 3:
+            raise ValueError(
+                f"resample={d['resample']} in the processor config: only bicubic (3) is supported"
+            )
+        return VisionInputConfig(
+            shortest_edge=size.get("shortest_edge", 224),
+            crop=crop.get("height", 224),
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+        )
+
+
+def shortest_edge_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """The short side becomes `short`, the long side int(short * long / short_side): truncated."""
+    return (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+
+
+def preprocess_image(image, cfg: VisionInputConfig) -> torch.Tensor:
+    """An image -> (3, 224, 224) float32. NOTE: Video-LLaVA's image processor is the PIL one: PIL's bicubic
+    resize (not torch's), centre crop at ((h - 224) // 2, (w - 224) // 2), x / 255 computed in float64, then
+    (x - mean) / std in float32. Video frames go the torch way (`preprocess_frames`): a few levels apart."""
+    img = common.load_image(image)
+    h, w = shortest_edge_size(img.height, img.width, cfg.shortest_edge)
+    x = np.asarray(img.resize((w, h), resample=Image.Resampling.BICUBIC, reducing_gap=None))
+    C = cfg.crop
+    top, left = (h - C) // 2, (w - C) // 2
+    x = (x[top : top + C, left : left + C].astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(cfg.image_mean, np.float32)) / np.array(cfg.image_std, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+
+def preprocess_frames(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
+    """(F, 3, H, W) uint8 -> (F, 3, 224, 224) float32. NOTE: the reference video processor resizes the uint8
+    tensor with torchvision (antialiased bicubic, back to uint8): exactly torch's uint8 interpolate; the crop
+    offsets are rounded, (x - 255 mean) / (255 std) in float32."""
+    h, w = shortest_edge_size(frames.shape[-2], frames.shape[-1], cfg.shortest_edge)
+    x = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    C = cfg.crop
+    top, left = int(round((h - C) / 2.0)), int(round((w - C) / 2.0))
+    x = x[..., top : top + C, left : left + C].float()
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
+    return (x - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)
+
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+
+
+class Processor:
+    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
+    VideoLlavaProcessor: input_ids, attention_mask, pixel_values_images (images, 3, 224, 224; transformers
+    5.23 still returns this legacy name) and pixel_values_videos (videos, F, 3, 224, 224)."""
+
+    def __init__(
+        self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int
+    ):
+        self.tokenizer, self.image, self.video, self.patch = tokenizer, image, video, patch
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
+        self.bos_token_id = tokenizer.token_id("<s>")
+        self.pad_token_id = tokenizer.token_id("<pad>")
+
+    @staticmethod
+    def from_dir(ckpt: Path, patch: int = 14) -> Processor:
+        """Settings from preprocessor_config.json (+ video_preprocessor_config.json) as published, or the
+        nested processor_config.json of transformers 5. Without a video config the image values are used."""
+        p = (
+            common.read_json(ckpt / "processor_config.json")
+            if (ckpt / "processor_config.json").is_file()
+            else {}
+        )
+        image_d, video_d = p.get("image_processor", {}), p.get("video_processor")
+        if (ckpt / "preprocessor_config.json").is_file():
+            image_d = common.read_json(ckpt / "preprocessor_config.json")
+        if (ckpt / "video_preprocessor_config.json").is_file():
+            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
+        return Processor(
+            common.Tokenizer(ckpt / "tokenizer.json"),
+            VisionInputConfig.from_hf(image_d),
+            VisionInputConfig.from_hf(image_d if video_d is None else video_d),
+            patch,
+        )
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """What the checkpoint's LLaVA-1.5-style template renders. Per message: "USER: " / "ASSISTANT: " (a
+        system message: its text only), then <image>\\n per image and <video>\\n per video, then each text
+        item followed by a space. Example: "USER: <video>\\nWhy is this funny? ASSISTANT:". BOS is not part of
+        it: the processor puts it in front, as the Llama tokenizer does."""
+        out = []
+        for m in messages:
+            items = (
+                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+            )
+            if m["role"] != "system":
+                out.append(m["role"].upper() + ": ")
+            out += [IMAGE_TOKEN + "\n" for it in items if it.get("type") == "image"]
+            out += [VIDEO_TOKEN + "\n" for it in items if it.get("type") == "video"]
+            out += [it["text"] + " " for it in items if it.get("type") == "text"]
+        if add_generation_prompt:
+            out.append("ASSISTANT:")
+        return "".join(out)
+
+    def load_video(self, path: str, num_frames: int = TRAINED_FRAMES) -> common.Video:
+        """`num_frames` frames at indices int(i * total / num_frames): a shorter video repeats frames (3
+        frames -> 0 0 0 1 1 1 2 2), as the reference sampling does."""
+        if num_frames != TRAINED_FRAMES:
+            warnings.warn(
+                f"Video-LLaVA was trained on {TRAINED_FRAMES} frames per video; {num_frames} were asked for",
+                stacklevel=2,
+            )
+        v = common.load_video(path, num_frames=num_frames)
+        if len(v.indices) < num_frames:  # the whole (short) video was decoded: repeat frames
+            pick = [int(i * len(v.indices) / num_frames) for i in range(num_frames)]
+            v = common.Video(
+                v.frames[pick],
+                [v.indices[i] for i in pick],
+                [v.timestamps[i] for i in pick],
+                v.fps,
+                v.total_frames,
+            )
+        return v
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        out = []
+        for video in videos:
+            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
+            if isinstance(frames, np.ndarray) and frames.ndim == 4:
+                x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+            elif len(frames):
+                x = torch.stack(
+                    [torch.from_numpy(np.array(common.load_image(f))).permute(2, 0, 1) for f in frames]
+                )
+            else:
+                x = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+            if x.shape[0] == 0:
+                raise ValueError("a video with zero frames was given")
+            if x.shape[0] != TRAINED_FRAMES:
+                warnings.warn(
+                    f"a video of {x.shape[0]} frames: Video-LLaVA was trained on {TRAINED_FRAMES}",
+                    stacklevel=2,
+                )
+            out.append(preprocess_frames(x.contiguous(), self.video))
+        if len({v.shape[0] for v in out}) > 1:
+            raise ValueError(
+                f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
+            )
+        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 224, 224)
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
+        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        out = {}
+        for pad, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
+            n = sum(t.count(pad) for t in texts)
+            if n != len(media):
+                raise ValueError(
+                    f"the prompt has {n} {pad} placeholder(s) but {len(media)} were given: one placeholder "
+                    "per item (use apply_chat_template)"
+                )
+        per_tile = (self.image.crop // self.patch) ** 2  # 256 patches; a video frame adds its CLS: 257
+        if images:
+            out["pixel_values_images"] = torch.stack([preprocess_image(im, self.image) for im in images])
+        if videos:
+            out.update(self.preprocess_videos(videos))
+        n_video = 0 if not videos else out["pixel_values_videos"].shape[1] * (per_tile + 1)
+        expand = {IMAGE_TOKEN: IMAGE_TOKEN * per_tile, VIDEO_TOKEN: VIDEO_TOKEN * n_video}
+        pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+        ids = [
+            [self.bos_token_id] + self.tokenizer.encode(pattern.sub(lambda m: expand[m.group(0)], t))
+            for t in texts
+        ]
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+# ==========================================================================================================
+# 3. Vision towers (CLIP ViT-L/14, written once, used twice)
+# ==========================================================================================================
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))  # the CLS token's input vector
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P, bias=False
+        )
+        self.position_embedding = nn.Embedding(G * G + 1, cfg.hidden_size)  # slot 0: CLS
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, 1 + N, Dv)
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (n, N, Dv), patches row by row
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        Dv = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(Dv, Dv), nn.Linear(Dv, Dv), nn.Linear(Dv, Dv)
+        self.out_proj = nn.Linear(Dv, Dv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, Dv = x.shape
+        q, k, v = (
+            p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh): bidirectional over CLS + patches
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick_gelu
+
+
+class ClipEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = ClipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = ClipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipVisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, feature_layer: int = -2):
+        super().__init__()
+        self.embeddings = ClipEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # NOTE: spelled so in CLIP
+        layers = nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})  # `encoder.layers.{i}` as in the checkpoint
+        self.n_used = cfg.num_hidden_layers + 1 + feature_layer  # hidden state -2 = after layer 23 of 24
+        # NOTE: no post_layernorm: the checkpoint stores one (for CLIP's pooled output), unused here
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, 1 + N, Dv), CLS first
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder["layers"][: self.n_used]:
+            x = layer(x)
+        return x
+
+
+# ==========================================================================================================
+# 4. Projector
+# ==========================================================================================================
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: VideoLlavaConfig):
+        super().__init__()
+        D = cfg.text_config.hidden_size
+        self.linear_1 = nn.Linear(cfg.vision_config.hidden_size, D)
+        self.linear_2 = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, N, Dv) -> (n, N, D)
+        return self.linear_2(F.gelu(self.linear_1(x)))  # NOTE: the exact (erf) GELU here, quick_gelu in CLIP
+
+
+# ==========================================================================================================
+# 5. Language decoder (Llama 2 / Vicuna)
+# ==========================================================================================================
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32, cast back, then scale (the Llama/Qwen order).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (B, T) -> cos, sin (B, T, Dh): angles in float32, then cast to the model dtype."""
+    Dh = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float, device=pos.device) / Dh)
+    angles = pos[..., None].float() * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1,
+    T, S). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
+    query length (Vicuna-7B has Hkv = H, G = 1: plain multi-head attention):
+
+        q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+    """
+    if mask is None:  # causal from slot 0, no padding: SDPA's fused is_causal path, kv heads shared by SDPA
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    B, H, T, Dh = q.shape
+    G = H // k.shape[1]
+    y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
+    return y.view(B, H, T, Dh)
+
+
+class KVCache(nn.Module):
+    """Static cache of one layer: (B, Hkv, S_max, Dh) buffers written in place at the given slot."""
+
+    def __init__(self, B: int, Hkv: int, S_max: int, Dh: int, device, dtype):
+        super().__init__()
+        self.k = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+        self.v = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # only the filled slots are read
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        D, H, Hkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.H, self.Hkv, self.Dh = H, Hkv, D // H
+        self.q_proj = nn.Linear(D, H * self.Dh, bias=False)  # Llama: no biases anywhere
+        self.k_proj = nn.Linear(D, Hkv * self.Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * self.Dh, bias=False)
+        self.o_proj = nn.Linear(H * self.Dh, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, pos: int = 0):
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+        y = attend(q, k, v, mask)  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, pos, mask, caches: list[KVCache] | None = None, cache_pos: int = 0) -> torch.Tensor:
+        """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
+        cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_pos)
+        return self.norm(x)
+
+
+# ==========================================================================================================
+# 6. The VLM: encode images and videos, merge them, masks, forward, generate
+# ==========================================================================================================
+
+
+def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor | None:
+    """(B, S) bool of real (non-padding) keys -> (B, 1, T, S) bool, query t at slot offset + t.
+
+        keys:    p  p  a  b  c        (p = left padding, x = may attend)
+        query a  .  .  x  .  .
+        query b  .  .  x  x  .
+        query c  .  .  x  x  x
+    A padding query sees only itself, so no row is empty (SDPA would return NaN); its output is unused.
+    None when a prefill from slot 0 has no padding: plain causal attention needs no mask in memory.
+    """
+    S = keep.shape[1]
+    if offset == 0 and T == S and bool(keep.all()):
+        return None
+    s = torch.arange(S, device=keep.device)
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+
+
+class VideoLlava(nn.Module):
+    def __init__(self, cfg: VideoLlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        tc, vc = cfg.text_config, cfg.vision_config
+        self.image_tower = ClipVisionTower(vc, cfg.vision_feature_layer)  # same architecture,
+        self.video_tower = ClipVisionTower(vc, cfg.vision_feature_layer)  # different weights
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = LlamaModel(tc)
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
+        self.tokenizer: common.Tokenizer | None = None
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, 256, D)
+        return self.multi_modal_projector(self.image_tower(pixel_values)[:, 1:])  # NOTE: images drop CLS
+
+    def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:  # -> (videos, F * 257, D)
+        V = pixel_values_videos.shape[0]
+        x = self.video_tower(pixel_values_videos.flatten(0, 1))  # (V*F, 257, Dv): frames keep their CLS
+        y = self.multi_modal_projector(x)  # (V*F, 257, D)
+        return y.reshape(V, -1, y.shape[-1])  # frame 0's 257 tokens, then frame 1's, ...
+
+    def embed(self, input_ids, pixel_values=None, pixel_values_videos=None) -> torch.Tensor:
+        """Token embeddings with the image and video features written over their placeholders, in order."""
+        x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
+        G = self.cfg.vision_config.image_size // self.cfg.vision_config.patch_size
+        for what, pixels, token_id, per_item in (
+            ("image", pixel_values, self.cfg.image_token_id, G * G),
+            (
+                "video",
+                pixel_values_videos,
+                self.cfg.video_token_id,
+                (G * G + 1) * (0 if pixel_values_videos is None else pixel_values_videos.shape[1]),
+            ),
+        ):
+            is_pad = input_ids == token_id
+            need = 0 if pixels is None else pixels.shape[0] * per_item
+            if int(is_pad.sum()) != need:
+                raise ValueError(
+                    f"the prompt has {int(is_pad.sum())} <{what}> tokens but the {what}s give {need} "
+                    "features (256 per image, 257 per video frame): pass the processor's output unchanged"
+                )
+            if pixels is not None:
+                feats = self.image_features if what == "image" else self.video_features
+                x = x.masked_scatter(is_pad[..., None], feats(pixels.to(x.dtype)).to(x.dtype))
+        return x
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values_images=None,
+        pixel_values_videos=None,
+        pixel_values=None,
+    ) -> torch.Tensor:
+        """The full forward pass without a cache: logits (B, T, V). Differentiable. Images come as
+        `pixel_values_images` (what the processor returns) or `pixel_values`.
+        NOTE: positions count real tokens from 0 in every row (padding-aware, as transformers' generate does;
+        its cache-less forward numbers left-padded rows from the first column instead)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        images = pixel_values_images if pixel_values is None else pixel_values
+        x = self.embed(input_ids, images, pixel_values_videos)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = self.language_model(x, pos, causal_padding_mask(attention_mask.bool(), input_ids.shape[1]))
+        return self.lm_head(h)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values_images=None,
+        pixel_values_videos=None,
+        pixel_values=None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_ids: list[int] | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        x = self.embed(
+            input_ids, pixel_values_images if pixel_values is None else pixel_values, pixel_values_videos
+        )
+        tc = self.cfg.text_config
+        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        Dh = tc.hidden_size // tc.num_attention_heads
+        caches = [
+            KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
+            for _ in range(tc.num_hidden_layers)
+        ]
+        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
+        keep[:, :T] = attention_mask.bool()
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        h = self.language_model(x, pos, causal_padding_mask(keep[:, :T], T), caches, 0)
+        first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
+        if not bool(torch.isfinite(first).all()):
+            raise RuntimeError(
+                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
+            )
+        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
+
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:
+            mask = keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
+            h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
+            return self.lm_head(h[:, -1]).float()
+
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        return common.generate_loop(
+            first,
+            step,
+            input_ids,
+            attention_mask,
+            settings,
+            eos,
+            self.cfg.pad_token_id,
+            streamer,
+            self.tokenizer,
+        )
+
+
+# ==========================================================================================================
+# 7. Weights
+# ==========================================================================================================
+
+
+def rename(key: str) -> str | None:
+    """Checkpoint key -> our name. Ours are transformers 5's names without the leading `model.`. The published
+    repo nests deeper (`image_tower.vision_model.*`, `video_tower.vision_model.*`, `language_model.model.*`,
+    `language_model.lm_head`); transformers 5 writes `model.*` in memory and a mix when it saves."""
+    key = re.sub(r"^model\.(?=image_tower|video_tower|multi_modal_projector|language_model)", "", key)
+    key = re.sub(r"^(image|video)_tower\.vision_model\.", r"\1_tower.", key)
+    if re.match(r"^(image|video)_tower\.post_layernorm\.", key):
+        return None  # stored, never used: the features come from the penultimate layer, before it
+    key = re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+    return re.sub(r"^language_model\.model\.", "language_model.", key)
+
+
+def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLlava, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+    ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
+    raw = common.read_json(ckpt / "config.json")
+    common.check_model_type(raw, "video_llava", "video_llava.py")
+    cfg = VideoLlavaConfig.from_hf(raw)
+    device = common.pick_device(device)
+    dtype = common.pick_dtype(dtype, device)
+    with torch.device("meta"):
+        model = VideoLlava(cfg)
+    tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
+    common.load_weights(model, ckpt, rename, device, dtype, tied)
+    processor = Processor.from_dir(ckpt, cfg.vision_config.patch_size)
+    model.eos_token_ids = common.read_eos_ids(ckpt, raw)
+    model.tokenizer = processor.tokenizer
+    return model.eval(), processor
+
+
+# ==========================================================================================================
+# 8. Command line
+# ==========================================================================================================
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Chat with Video-LLaVA about images and videos.")
+    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
+    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
+    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--system", default=None, help="a system message, put before USER: (default: none)")
+    ap.add_argument("--num-frames", type=int, default=TRAINED_FRAMES, help="frames per video (trained: 8)")
+    common.add_generation_args(ap)
+    a = ap.parse_args(argv)
+
+    model, processor = load(a.model, a.device, a.dtype)
+    images = [common.load_image(src) for src in a.image]
+    videos = []
+    for src in a.video:
+        v = processor.load_video(src, a.num_frames)
+        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
+        videos.append(v.frames)
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
+    ]
+    inputs = processor(
+        text=processor.apply_chat_template(messages), images=images or None, videos=videos or None
+    )
+    ids = inputs["input_ids"]
+    n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
+    common.generate_and_report(model, inputs, a, n_visual=n_visual)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
