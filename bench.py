@@ -3,12 +3,13 @@
     python bench.py --model qwen2_vl --size small --device cpu
     python bench.py --model paligemma2 --size tiny --device cuda --dtype bfloat16
 
---model: qwen2_vl, paligemma (PaliGemma 1: Gemma), paligemma2 (Gemma2) or llava_onevision.
+--model: qwen2_vl, paligemma (PaliGemma 1: Gemma), paligemma2 (Gemma2), llava_onevision or video_llava.
 
 One checkpoint is built with random weights (tests/tiny.py, the same builder as the tests) and loaded
 by both implementations. Printed per implementation: preprocessing, vision encoder, time to first token
-(vision + prompt + one token), decode tokens/s at batch 1 and 8 (EOS disabled: every run makes exactly N
-tokens) and, on CUDA, peak memory; then ours/transformers (above 1 is better for tokens/s, below 1 for times).
+(vision + prompt + one token), decode tokens/s at batch 1 and at --batch rows (default 8; EOS disabled: every
+run makes N tokens) and, on CUDA, peak memory; then ours/transformers (above 1 is better for tokens/s,
+below 1 for times).
 Median of --repeats runs after one warm-up, the two implementations interleaved.
 Protocol: ../shared/reference/benchmark-protocol.md. Needs requirements-dev.txt (transformers).
 """
@@ -63,9 +64,9 @@ def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
     def calls(generate, **kw):
         return {
             "ttft_s": lambda: generate(**inputs, max_new_tokens=1, **kw),
-            "ttft8": lambda: generate(**batch, max_new_tokens=1, **kw),
+            "ttftB": lambda: generate(**batch, max_new_tokens=1, **kw),
             "gen1": lambda: generate(**inputs, max_new_tokens=N, **kw),
-            "gen8": lambda: generate(**batch, max_new_tokens=N, **kw),
+            "genB": lambda: generate(**batch, max_new_tokens=N, **kw),
         }
 
     return {
@@ -93,7 +94,7 @@ def bench_qwen2_vl(a, device, dtype):
     content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
     text = proc.apply_chat_template([{"role": "user", "content": content}])
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
     pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
     runs = generation_runs(
         ours,
@@ -127,7 +128,7 @@ def bench_paligemma(a, device, dtype):
     img = Image.fromarray(tiny.synthetic_image(240, 320))
     text = "answer en " + "what is in this picture and where is it? " * 3
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
     pixels = inputs["pixel_values"].to(dtype)
     runs = generation_runs(
         ours,
@@ -167,7 +168,7 @@ def bench_llava_onevision(a, device, dtype):
     content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
     text = proc.apply_chat_template([{"role": "user", "content": content}])
     inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * 8, images=[img] * 8).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
     px, sizes, n = inputs["pixel_values"].to(dtype), inputs["image_sizes"], inputs["batch_num_images"]
     runs = generation_runs(
         ours,
@@ -192,9 +193,46 @@ def bench_llava_onevision(a, device, dtype):
     return runs
 
 
+def bench_video_llava(a, device, dtype):
+    from transformers import VideoLlavaForConditionalGeneration
+
+    import video_llava
+
+    dirs = tiny.build_video_llava(Path(tempfile.mkdtemp()), a.size)
+    ours, proc, ref, hproc = load_pair(
+        video_llava, VideoLlavaForConditionalGeneration, dirs["hf5"], device, dtype
+    )
+    px = ours.cfg.vision_config.image_size
+    video = tiny.synthetic_video(8, px, px * 4 // 3)  # the trained 8 frames
+    content = [{"type": "video"}, {"type": "text", "text": "Why is this video funny? " * 4}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
+    inputs = {k: v.to(device) for k, v in proc(text=text, videos=[video]).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, videos=[video] * a.batch).items()}
+    frames = inputs["pixel_values_videos"].to(dtype)
+    runs = generation_runs(
+        ours,
+        ref,
+        inputs,
+        batch,
+        a.new_tokens,
+        (
+            lambda: proc(text=text, videos=[video]),
+            lambda: hproc(text=[text], videos=[video], return_tensors="pt"),
+        ),
+        (lambda: ours.video_features(frames), lambda: ref.model.get_video_features(frames)),
+    )
+    n_vid = int((inputs["input_ids"] == proc.video_token_id).sum())
+    print(
+        f"video_llava {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
+        f"{dtype}, prompt {inputs['input_ids'].shape[1]} tokens ({n_vid} video), {a.new_tokens} new"
+    )
+    return runs
+
+
 BENCHES = {
     "qwen2_vl": bench_qwen2_vl,
     "llava_onevision": bench_llava_onevision,
+    "video_llava": bench_video_llava,
     "paligemma": bench_paligemma,
     "paligemma2": bench_paligemma,
 }
@@ -208,6 +246,7 @@ def main():
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8, help="rows of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
     if a.threads:
@@ -230,7 +269,7 @@ def main():
     for r in results.values():
         N = a.new_tokens
         r["decode_tok_s_b1"] = (N - 1) / max(r["gen1"] - r["ttft_s"], 1e-9)
-        r["decode_tok_s_b8"] = 8 * (N - 1) / max(r.pop("gen8") - r.pop("ttft8"), 1e-9)
+        r[f"decode_tok_s_b{a.batch}"] = a.batch * (N - 1) / max(r.pop("genB") - r.pop("ttftB"), 1e-9)
         r.pop("gen1")
     keys = list(results["ours"])
     print(f"{'':18}" + "".join(f"{k:>18}" for k in keys))

@@ -561,8 +561,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
         mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
     """
-    if mask is None:  # causal from slot 0, no padding: SDPA's fused is_causal path, kv heads shared by SDPA
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if mask is None:  # no padding: SDPA's fused kernels, which share the kv heads themselves. A prefill from
+        # slot 0 is causal; one decoded token sees every filled slot (is_causal would align it top-left)
+        assert q.shape[2] in (1, k.shape[2]), "mask=None is for a prefill from slot 0 or one decode step"
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
     y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
@@ -832,6 +834,7 @@ class Qwen2VL(nn.Module):
         ]
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
         keep[:, :T] = attention_mask.bool()
+        unpadded = bool(attention_mask.all())  # then no step needs a mask
         h = self.model(x, pos3, causal_padding_mask(keep[:, :T], T), caches, 0)
         first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
         if not bool(torch.isfinite(first).all()):
@@ -843,7 +846,7 @@ class Qwen2VL(nn.Module):
         def step(token: torch.Tensor, i: int) -> torch.Tensor:
             # NOTE: the new token's M-RoPE position on all 3 axes is its index among real tokens + rope_delta.
             p = (n_real + i + delta).view(1, B, 1).expand(3, B, 1)
-            mask = keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
+            mask = None if unpadded else keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
             h = self.model(self.model.embed_tokens(token), p, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 

@@ -475,8 +475,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
         mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
     """
-    if mask is None:  # causal from slot 0, no padding: SDPA's fused is_causal path, kv heads shared by SDPA
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if mask is None:  # no padding: SDPA's fused kernels, which share the kv heads themselves. A prefill from
+        # slot 0 is causal; one decoded token sees every filled slot (is_causal would align it top-left)
+        assert q.shape[2] in (1, k.shape[2]), "mask=None is for a prefill from slot 0 or one decode step"
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
     y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
@@ -689,6 +691,7 @@ class VideoLlava(nn.Module):
         ]
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
         keep[:, :T] = attention_mask.bool()
+        unpadded = bool(attention_mask.all())  # then no step needs a mask
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         h = self.language_model(x, pos, causal_padding_mask(keep[:, :T], T), caches, 0)
         first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
@@ -699,7 +702,7 @@ class VideoLlava(nn.Module):
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
 
         def step(token: torch.Tensor, i: int) -> torch.Tensor:
-            mask = keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
+            mask = None if unpadded else keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
             h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 

@@ -1,0 +1,1 @@
+"""Stand-in: nothing of torchvision.models is used."""
