@@ -56,30 +56,29 @@ def load_pair(module, hf_class, ckpt, device, dtype, impl="sdpa"):
 
 
 def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
-    """The timed calls of one model: `preprocess` and `vision` are (ours, transformers) pairs of callables."""
+    """The timed calls of one model: `preprocess` and `vision` are (ours, transformers) pairs of callables.
+    NOTE: every run makes exactly n tokens: ours with no EOS ids; transformers with min_new_tokens = n, since
+    an eos_token_id of None in a GenerationConfig is filled in from the checkpoint's generation_config."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    def hf(data, n):
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        return ref.generate(**data, generation_config=cfg)
 
-    def calls(generate, **kw):
+    def mine(data, n):
+        return ours.generate(**data, max_new_tokens=n, eos_token_ids=[])
+
+    def calls(generate):
         return {
-            "ttft_s": lambda: generate(**inputs, max_new_tokens=1, **kw),
-            "ttftB": lambda: generate(**batch, max_new_tokens=1, **kw),
-            "gen1": lambda: generate(**inputs, max_new_tokens=N, **kw),
-            "genB": lambda: generate(**batch, max_new_tokens=N, **kw),
+            "ttft_s": lambda: generate(inputs, 1),
+            "ttftB": lambda: generate(batch, 1),
+            "gen1": lambda: generate(inputs, N),
+            "genB": lambda: generate(batch, N),
         }
 
     return {
-        "ours": {
-            "preprocess_s": preprocess[0],
-            "vision_s": vision[0],
-            **calls(ours.generate, eos_token_ids=[]),
-        },
-        "transformers": {
-            "preprocess_s": preprocess[1],
-            "vision_s": vision[1],
-            **calls(ref.generate, generation_config=cfg),
-        },
+        "ours": {"preprocess_s": preprocess[0], "vision_s": vision[0], **calls(mine)},
+        "transformers": {"preprocess_s": preprocess[1], "vision_s": vision[1], **calls(hf)},
     }
 
 

@@ -334,6 +334,7 @@ def generate_loop(
     out = torch.full((B, s.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     push = tokenizer.stream() if streamer is not None else None
+    streamed, printed = [], []  # tokens pushed to the streamer, and the text it received
     logits, n = first_logits, 0
     for i in range(s.max_new_tokens):
         token = sample(logits, seen, s.temperature, s.top_k, s.top_p, s.repetition_penalty, generator)
@@ -346,13 +347,19 @@ def generate_loop(
         if push is not None:
             t = int(token[0])
             if t not in eos_token_ids:
-                streamer(push(t))
+                streamed.append(t)
+                printed.append(push(t))
+                streamer(printed[-1])
             if bool(finished[0]):
                 break
         elif i % 8 == 7 and bool(finished.all()):
             break
         if i + 1 < s.max_new_tokens:
             logits = step(token[:, None], i)
+    if push is not None:  # bytes held back for an unfinished UTF-8 character: flush them as decode() would
+        full, shown = tokenizer.decode(streamed), "".join(printed)
+        if full.startswith(shown) and len(full) > len(shown):
+            streamer(full[len(shown) :])
     out = out[:, :n]
     # Trim the columns produced after every row had already finished (the all-finished check is lazy).
     done_at = torch.where(torch.isin(out, eos), torch.arange(n, device=device), n).min(dim=1).values

@@ -829,3 +829,135 @@ def build_video_llava(root: Path, size: str = "tiny") -> dict[str, Path]:
 
     write_safetensors({published_key(k): t for k, t in state.items()}, hub, shards=2)
     return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PerceptionLM
+
+PLM_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|image|>", "<|video|>"]
+PLM_SPECIALS += ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+PLM_TEMPLATE = (Path(__file__).parent / "data" / "perception_lm" / "chat_template.jinja").read_text()
+PLM_TILE = 56  # px: 4 x 4 patches, pooled 2 x 2 -> 4 tokens per tile
+PLM_SIZES = {  # text (D, layers, heads, kv heads, FFN), vision (depth, width, heads), tile px, max tiles
+    "tiny": ((64, 2, 4, 2, 128), (2, 64, 4), PLM_TILE, 6),
+    "small": ((640, 10, 10, 2, 2048), (6, 384, 6), 448, 4),  # about 60M parameters
+}
+
+
+def perception_lm_hf_config(ids: dict[str, int], vocab: int, size: str = "tiny", cls_token: bool = True):
+    from transformers import PerceptionLMConfig
+
+    (D, n_layers, H, Hkv, ffn), (depth, Dv, Hv), tile, _ = PLM_SIZES[size]
+    G = tile // 14
+    arch = "vit_pe_core_large_patch14_336" if cls_token else "vit_pe_core_gigantic_patch14_448"
+    model_args = dict(embed_dim=Dv, depth=depth, num_heads=Hv, img_size=[tile, tile], ref_feat_shape=[G, G])
+    model_args.update(global_pool="", use_post_transformer_norm=False, init_values=0.1)
+    if not cls_token:
+        model_args["mlp_ratio"] = 4.0  # the gigantic entry's 8960/1536 would not fit a tiny width
+    cfg = PerceptionLMConfig(
+        vision_config={
+            "model_type": "timm_wrapper",
+            "architecture": arch,
+            "do_pooling": False,
+            "model_args": model_args,
+        },
+        text_config=dict(
+            model_type="llama",
+            vocab_size=vocab,
+            hidden_size=D,
+            intermediate_size=ffn,
+            num_hidden_layers=n_layers,
+            num_attention_heads=H,
+            num_key_value_heads=Hkv,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=2048,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,  # small, so the scaling bites at tiny positions
+            },
+            tie_word_embeddings=True,
+            bos_token_id=ids["<|begin_of_text|>"],
+            eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+        ),
+        vision_use_cls_token=cls_token,
+        projector_pooling_ratio=2,
+        image_token_id=ids["<|image|>"],
+        video_token_id=ids["<|video|>"],
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_perception_lm(root: Path, size: str = "tiny", cls_token: bool = True) -> dict[str, Path]:
+    """Two directories holding the same weights:
+    - "hf5": what transformers 5.23 `save_pretrained` writes (nested processor_config.json, .jinja);
+    - "hub": the PLM repos' file set (preprocessor_config.json, video_preprocessor_config.json,
+      processor_config.json, chat_template.json, two shards), keys written without `timm_model.` as an
+      older conversion would (both spellings load)."""
+    from transformers import (
+        AutoTokenizer,
+        PerceptionLMForConditionalGeneration,
+        PerceptionLMImageProcessor,
+        PerceptionLMProcessor,
+        PerceptionLMVideoProcessor,
+    )
+
+    tag = "" if cls_token else "_nocls"
+    dirs = {k: root / f"perception_lm_{size}{tag}_{k}" for k in ("hf5", "hub")}
+    hf5 = dirs["hf5"]
+    hf5.mkdir(parents=True, exist_ok=True)
+    ids = make_tokenizer(hf5, PLM_SPECIALS)
+    vocab = len(json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"])
+    tok_cfg = dict(
+        tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
+    tok_cfg.update(
+        pad_token="<|end_of_text|>",
+        extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
+    )
+    (hf5 / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    _, _, tile, max_tiles = PLM_SIZES[size]
+    processor = PerceptionLMProcessor(
+        video_processor=PerceptionLMVideoProcessor(size={"height": tile, "width": tile}),
+        image_processor=PerceptionLMImageProcessor(
+            tile_size=tile, max_num_tiles=max_tiles, size={"height": tile, "width": tile}
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(hf5),
+        patch_size=14,
+        pooling_ratio=2,
+        chat_template=PLM_TEMPLATE,
+    )
+    processor.save_pretrained(hf5)
+    torch.manual_seed(0)
+    model = PerceptionLMForConditionalGeneration(perception_lm_hf_config(ids, vocab, size, cls_token)).eval()
+    randomize_(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # decoder layers strong enough that greedy decoding moves on
+            if ".layers." in name and "language_model" in name and p.ndim == 2:
+                p.mul_(LAYER_GAIN)
+    model.save_pretrained(hf5)
+    eos = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
+    (hf5 / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": eos})
+    )
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(hf5 / "model.safetensors"))
+    p = json.loads((hf5 / "processor_config.json").read_text())
+    hub = dirs["hub"]
+    hub.mkdir(exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+        (hub / f).write_text((hf5 / f).read_text())
+    (hub / "preprocessor_config.json").write_text(json.dumps(p["image_processor"]))
+    (hub / "video_preprocessor_config.json").write_text(json.dumps(p["video_processor"]))
+    top = {k: v for k, v in p.items() if k not in ("image_processor", "video_processor")}
+    (hub / "processor_config.json").write_text(json.dumps(top))
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": PLM_TEMPLATE}))
+    write_safetensors({k.replace(".timm_model.", "."): t for k, t in state.items()}, hub, shards=2)
+    return dirs
