@@ -3,7 +3,7 @@
     python bench.py --model qwen2_vl --size small --device cpu
     python bench.py --model paligemma2 --size tiny --device cuda --dtype bfloat16
 
---model: qwen2_vl, paligemma (PaliGemma 1: Gemma), paligemma2 (Gemma2), llava_onevision or video_llava.
+--model: qwen2_vl, paligemma (PaliGemma 1), paligemma2, llava_onevision, video_llava or perception_lm.
 
 One checkpoint is built with random weights (tests/tiny.py, the same builder as the tests) and loaded
 by both implementations. Printed per implementation: preprocessing, vision encoder, time to first token
@@ -228,10 +228,48 @@ def bench_video_llava(a, device, dtype):
     return runs
 
 
+def bench_perception_lm(a, device, dtype):
+    from transformers import PerceptionLMForConditionalGeneration
+
+    import perception_lm
+
+    dirs = tiny.build_perception_lm(Path(tempfile.mkdtemp()), a.size)
+    ours, proc, ref, hproc = load_pair(
+        perception_lm, PerceptionLMForConditionalGeneration, dirs["hf5"], device, dtype
+    )
+    tile = ours.cfg.vision_config.image_size
+    img = Image.fromarray(tiny.synthetic_image(tile * 3 // 2, tile * 2))
+    content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}])
+    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
+    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
+    px = inputs["pixel_values"].to(dtype)
+    runs = generation_runs(
+        ours,
+        ref,
+        inputs,
+        batch,
+        a.new_tokens,
+        (
+            lambda: proc(text=text, images=[img]),
+            lambda: hproc(text=[text], images=[img], return_tensors="pt"),
+        ),
+        (lambda: ours.media_features(px), lambda: ref.model.get_image_features(px)),
+    )
+    n_img = int((inputs["input_ids"] == proc.image_token_id).sum())
+    print(
+        f"perception_lm {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
+        f"{device}, {dtype}, {px.shape[1]} tiles, prompt {inputs['input_ids'].shape[1]} tokens "
+        f"({n_img} image), {a.new_tokens} new"
+    )
+    return runs
+
+
 BENCHES = {
     "qwen2_vl": bench_qwen2_vl,
     "llava_onevision": bench_llava_onevision,
     "video_llava": bench_video_llava,
+    "perception_lm": bench_perception_lm,
     "paligemma": bench_paligemma,
     "paligemma2": bench_paligemma,
 }
