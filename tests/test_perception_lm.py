@@ -144,6 +144,17 @@ def test_processor_matches(ours, ref, name):
         assert max_diff(got[k], want[k]) <= 1e-5, k
 
 
+def test_single_tile_mode_matches(ours, ref):
+    """vision_input_type other than thumb+tile: one squashed tile per image."""
+    proc = ours[1]
+    single = plm.Processor(proc.tokenizer, replace(proc.image, thumb_and_tiles=False), proc.video, 14, 2)
+    got = single(text="<|image|>", images=[image("photo")])
+    want = ref[0].image_processor(images=[image("photo")], vision_input_type="vanilla", return_tensors="pt")
+    assert got["pixel_values"].shape == want["pixel_values"].shape == (1, 1, 3, 56, 56)
+    assert max_diff(got["pixel_values"], want["pixel_values"]) <= 1e-5
+    assert int((got["input_ids"] == proc.image_token_id).sum()) == 4
+
+
 def test_video_processor_matches(ours, ref):
     for frames in (VIDEO, list(VIDEO[:3]), [Image.fromarray(f) for f in VIDEO]):
         got = ours[1].preprocess_videos([frames])["pixel_values_videos"]
