@@ -55,11 +55,17 @@ def load_pair(module, hf_class, ckpt, device, dtype, impl="sdpa"):
     return ours, proc, ref, AutoProcessor.from_pretrained(ckpt)
 
 
-def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
-    """The timed calls of one model: `preprocess` and `vision` are (ours, transformers) pairs of callables.
+def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, vision):
+    """The timed calls of one model on one prompt: `media` is the processor keyword and its one item (e.g.
+    {"images": img}), `vision` the (ours, transformers) vision encoders as functions of the inputs.
     NOTE: every run makes exactly n tokens: ours with no EOS ids; transformers with min_new_tokens = n, since
     an eos_token_id of None in a GenerationConfig is filled in from the checkpoint's generation_config."""
     from transformers import GenerationConfig
+
+    one = {k: [v] for k, v in media.items()}
+    inputs = {k: v.to(device) for k, v in proc(text=text, **one).items()}
+    batch = proc(text=[text] * a.batch, **{k: [v] * a.batch for k, v in media.items()})
+    batch = {k: v.to(device) for k, v in batch.items()}
 
     def hf(data, n):
         cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
@@ -72,14 +78,34 @@ def generation_runs(ours, ref, inputs, batch, N, preprocess, vision):
         return {
             "ttft_s": lambda: generate(inputs, 1),
             "ttftB": lambda: generate(batch, 1),
-            "gen1": lambda: generate(inputs, N),
-            "genB": lambda: generate(batch, N),
+            "gen1": lambda: generate(inputs, a.new_tokens),
+            "genB": lambda: generate(batch, a.new_tokens),
         }
 
+    ids = inputs["input_ids"]
+    n_visual = sum(int((ids == getattr(proc, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
+    print(
+        f"{a.model} {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
+        f"{dtype}, prompt {ids.shape[1]} tokens ({n_visual} visual), {a.new_tokens} new"
+    )
     return {
-        "ours": {"preprocess_s": preprocess[0], "vision_s": vision[0], **calls(mine)},
-        "transformers": {"preprocess_s": preprocess[1], "vision_s": vision[1], **calls(hf)},
+        "ours": {
+            "preprocess_s": lambda: proc(text=text, **one),
+            "vision_s": lambda: vision[0](inputs),
+            **calls(mine),
+        },
+        "transformers": {
+            "preprocess_s": lambda: hproc(text=[text], **one, return_tensors="pt"),
+            "vision_s": lambda: vision[1](inputs),
+            **calls(hf),
+        },
     }
+
+
+def chat(proc, kind: str, question: str) -> str:
+    return proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+    )
 
 
 def bench_qwen2_vl(a, device, dtype):
@@ -90,26 +116,12 @@ def bench_qwen2_vl(a, device, dtype):
     dirs = tiny.build_qwen2_vl(Path(tempfile.mkdtemp()), a.size)
     ours, proc, ref, hproc = load_pair(qwen2_vl, Qwen2VLForConditionalGeneration, dirs["hf5"], device, dtype)
     img = Image.fromarray(tiny.synthetic_image(224, 224))
-    content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}])
-    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
-    pixels, grid = inputs["pixel_values"].to(dtype), inputs["image_grid_thw"]
-    runs = generation_runs(
-        ours,
-        ref,
-        inputs,
-        batch,
-        a.new_tokens,
-        (lambda: proc(text=text, images=[img]), lambda: hproc(text=text, images=[img], return_tensors="pt")),
-        (lambda: ours.visual(pixels, grid.cpu()), lambda: ref.model.visual(pixels, grid_thw=grid)),
+    vision = (
+        lambda x: ours.visual(x["pixel_values"].to(dtype), x["image_grid_thw"].cpu()),
+        lambda x: ref.model.visual(x["pixel_values"].to(dtype), grid_thw=x["image_grid_thw"]),
     )
-    print(
-        f"qwen2_vl {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
-        f"{dtype}, prompt {inputs['input_ids'].shape[1]} tokens ({int(grid.prod()) // 4} visual), "
-        f"{a.new_tokens} new"
-    )
-    return runs
+    text = chat(proc, "image", "Describe this image. " * 4)
+    return generation_runs(a, device, dtype, ours, ref, proc, hproc, text, {"images": img}, vision)
 
 
 def bench_paligemma(a, device, dtype):
@@ -124,30 +136,14 @@ def bench_paligemma(a, device, dtype):
     ours, proc, ref, hproc = load_pair(
         paligemma, PaliGemmaForConditionalGeneration, dirs["hf5"], device, dtype, impl
     )
+    print(f"transformers attention: {impl}")
     img = Image.fromarray(tiny.synthetic_image(240, 320))
+    vision = (
+        lambda x: ours.multi_modal_projector(ours.vision_tower(x["pixel_values"].to(dtype))),
+        lambda x: ref.model.get_image_features(x["pixel_values"].to(dtype)),
+    )
     text = "answer en " + "what is in this picture and where is it? " * 3
-    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
-    pixels = inputs["pixel_values"].to(dtype)
-    runs = generation_runs(
-        ours,
-        ref,
-        inputs,
-        batch,
-        a.new_tokens,
-        (lambda: proc(text=text, images=[img]), lambda: hproc(text=text, images=[img], return_tensors="pt")),
-        (
-            lambda: ours.multi_modal_projector(ours.vision_tower(pixels)),
-            lambda: ref.model.get_image_features(pixels),
-        ),
-    )
-    n_img = int((inputs["input_ids"] == proc.image_token_id).sum())
-    print(
-        f"{a.model} {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
-        f"{dtype}, HF attention {impl}, prompt {inputs['input_ids'].shape[1]} tokens ({n_img} image), "
-        f"{a.new_tokens} new"
-    )
-    return runs
+    return generation_runs(a, device, dtype, ours, ref, proc, hproc, text, {"images": img}, vision)
 
 
 def bench_llava_onevision(a, device, dtype):
@@ -164,32 +160,14 @@ def bench_llava_onevision(a, device, dtype):
     img = Image.fromarray(
         tiny.synthetic_image(*((tile * 3 // 2, tile * 2) if a.size == "tiny" else (tile, tile)))
     )
-    content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}])
-    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
-    px, sizes, n = inputs["pixel_values"].to(dtype), inputs["image_sizes"], inputs["batch_num_images"]
-    runs = generation_runs(
-        ours,
-        ref,
-        inputs,
-        batch,
-        a.new_tokens,
-        (
-            lambda: proc(text=text, images=[img]),
-            lambda: hproc(text=[text], images=[img], return_tensors="pt"),
-        ),
-        (
-            lambda: ours.image_features(px, sizes, n),
-            lambda: ref.model.get_image_features(px, sizes, batch_num_images=n),
+    vision = (
+        lambda x: ours.image_features(x["pixel_values"].to(dtype), x["image_sizes"], x["batch_num_images"]),
+        lambda x: ref.model.get_image_features(
+            x["pixel_values"].to(dtype), x["image_sizes"], batch_num_images=x["batch_num_images"]
         ),
     )
-    n_img = int((inputs["input_ids"] == proc.image_token_id).sum())
-    print(
-        f"llava_onevision {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
-        f"{device}, {dtype}, prompt {inputs['input_ids'].shape[1]} tokens ({n_img} image), {a.new_tokens} new"
-    )
-    return runs
+    text = chat(proc, "image", "Describe this image. " * 4)
+    return generation_runs(a, device, dtype, ours, ref, proc, hproc, text, {"images": img}, vision)
 
 
 def bench_video_llava(a, device, dtype):
@@ -203,29 +181,12 @@ def bench_video_llava(a, device, dtype):
     )
     px = ours.cfg.vision_config.image_size
     video = tiny.synthetic_video(8, px, px * 4 // 3)  # the trained 8 frames
-    content = [{"type": "video"}, {"type": "text", "text": "Why is this video funny? " * 4}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}])
-    inputs = {k: v.to(device) for k, v in proc(text=text, videos=[video]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, videos=[video] * a.batch).items()}
-    frames = inputs["pixel_values_videos"].to(dtype)
-    runs = generation_runs(
-        ours,
-        ref,
-        inputs,
-        batch,
-        a.new_tokens,
-        (
-            lambda: proc(text=text, videos=[video]),
-            lambda: hproc(text=[text], videos=[video], return_tensors="pt"),
-        ),
-        (lambda: ours.video_features(frames), lambda: ref.model.get_video_features(frames)),
+    vision = (
+        lambda x: ours.video_features(x["pixel_values_videos"].to(dtype)),
+        lambda x: ref.model.get_video_features(x["pixel_values_videos"].to(dtype)),
     )
-    n_vid = int((inputs["input_ids"] == proc.video_token_id).sum())
-    print(
-        f"video_llava {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
-        f"{dtype}, prompt {inputs['input_ids'].shape[1]} tokens ({n_vid} video), {a.new_tokens} new"
-    )
-    return runs
+    text = chat(proc, "video", "Why is this video funny? " * 4)
+    return generation_runs(a, device, dtype, ours, ref, proc, hproc, text, {"videos": video}, vision)
 
 
 def bench_perception_lm(a, device, dtype):
@@ -239,30 +200,12 @@ def bench_perception_lm(a, device, dtype):
     )
     tile = ours.cfg.vision_config.image_size
     img = Image.fromarray(tiny.synthetic_image(tile * 3 // 2, tile * 2))
-    content = [{"type": "image"}, {"type": "text", "text": "Describe this image. " * 4}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}])
-    inputs = {k: v.to(device) for k, v in proc(text=text, images=[img]).items()}
-    batch = {k: v.to(device) for k, v in proc(text=[text] * a.batch, images=[img] * a.batch).items()}
-    px = inputs["pixel_values"].to(dtype)
-    runs = generation_runs(
-        ours,
-        ref,
-        inputs,
-        batch,
-        a.new_tokens,
-        (
-            lambda: proc(text=text, images=[img]),
-            lambda: hproc(text=[text], images=[img], return_tensors="pt"),
-        ),
-        (lambda: ours.media_features(px), lambda: ref.model.get_image_features(px)),
+    vision = (
+        lambda x: ours.media_features(x["pixel_values"].to(dtype)),
+        lambda x: ref.model.get_image_features(x["pixel_values"].to(dtype)),
     )
-    n_img = int((inputs["input_ids"] == proc.image_token_id).sum())
-    print(
-        f"perception_lm {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
-        f"{device}, {dtype}, {px.shape[1]} tiles, prompt {inputs['input_ids'].shape[1]} tokens "
-        f"({n_img} image), {a.new_tokens} new"
-    )
-    return runs
+    text = chat(proc, "image", "Describe this image. " * 4)
+    return generation_runs(a, device, dtype, ours, ref, proc, hproc, text, {"images": img}, vision)
 
 
 BENCHES = {
