@@ -60,6 +60,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0, head_std: float = 0.2) -> 
             p.copy_(0.05 * r)
 
 
+@torch.no_grad()
+def strengthen_decoder_(model: torch.nn.Module, gain: float = 4.0) -> None:
+    """Scale the decoder layers' matrices so that a tiny random model's greedy tokens vary instead of copying
+    the last input token over and over (which would make generation tests weak)."""
+    for name, p in model.named_parameters():
+        if ".layers." in name and "language_model" in name and p.ndim == 2:
+            p.mul_(gain)
+
+
+def decoder_config(
+    model_type: str, vocab: int, D: int, layers: int, H: int, Hkv: int, ffn: int, **extra
+) -> dict:
+    """The text_config of a tiny decoder."""
+    shape = dict(vocab_size=vocab, hidden_size=D, intermediate_size=ffn, num_hidden_layers=layers)
+    return dict(model_type=model_type, num_attention_heads=H, num_key_value_heads=Hkv, **shape, **extra)
+
+
 def write_safetensors(state: dict[str, torch.Tensor], out: Path, shards: int = 1) -> None:
     state = {k: v.contiguous() for k, v in state.items()}
     if shards == 1:
@@ -547,14 +564,14 @@ def llava_onevision_hf_config(ids: dict[str, int], vocab: int, size: str = "tiny
 
     (D, n_layers, H, Hkv, ffn), (v_layers, Dv, Hv, v_ffn), tile, sides = LLAVA_OV_SIZES[size]
     cfg = LlavaOnevisionConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab,
-            hidden_size=D,
-            intermediate_size=ffn,
-            num_hidden_layers=n_layers,
-            num_attention_heads=H,
-            num_key_value_heads=Hkv,
+        text_config=decoder_config(
+            "qwen2",
+            vocab,
+            D,
+            n_layers,
+            H,
+            Hkv,
+            ffn,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             max_position_embeddings=4096,
@@ -620,9 +637,7 @@ def build_llava_onevision(root: Path, size: str = "tiny") -> dict[str, Path]:
     randomize_(model)
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 1.0)
-        for name, p in model.named_parameters():  # decoder layers strong enough that greedy decoding moves on
-            if ".layers." in name and "language_model" in name and p.ndim == 2:
-                p.mul_(LAYER_GAIN)
+    strengthen_decoder_(model, LAYER_GAIN)
     model.save_pretrained(hf5)
     (hf5 / "generation_config.json").write_text(
         json.dumps({"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]})
@@ -715,14 +730,14 @@ def video_llava_hf_config(ids: dict[str, int], vocab: int, size: str = "tiny"):
 
     (D, n_layers, H, ffn), (v_layers, Dv, Hv, v_ffn), px = VIDEO_LLAVA_SIZES[size]
     cfg = VideoLlavaConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=vocab,
-            hidden_size=D,
-            intermediate_size=ffn,
-            num_hidden_layers=n_layers,
-            num_attention_heads=H,
-            num_key_value_heads=H,
+        text_config=decoder_config(
+            "llama",
+            vocab,
+            D,
+            n_layers,
+            H,
+            H,
+            ffn,
             rms_norm_eps=1e-5,
             max_position_embeddings=4096,
             pad_token_id=ids["<pad>"],
@@ -790,10 +805,7 @@ def build_video_llava(root: Path, size: str = "tiny") -> dict[str, Path]:
     torch.manual_seed(0)
     model = VideoLlavaForConditionalGeneration(video_llava_hf_config(ids, vocab, size)).eval()
     randomize_(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # decoder layers strong enough that greedy decoding moves on
-            if ".layers." in name and "language_model" in name and p.ndim == 2:
-                p.mul_(LAYER_GAIN)
+    strengthen_decoder_(model, LAYER_GAIN)
     model.save_pretrained(hf5)
     (hf5 / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": ids["<pad>"]})
@@ -936,10 +948,7 @@ def build_perception_lm(root: Path, size: str = "tiny", cls_token: bool = True) 
     torch.manual_seed(0)
     model = PerceptionLMForConditionalGeneration(perception_lm_hf_config(ids, vocab, size, cls_token)).eval()
     randomize_(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # decoder layers strong enough that greedy decoding moves on
-            if ".layers." in name and "language_model" in name and p.ndim == 2:
-                p.mul_(LAYER_GAIN)
+    strengthen_decoder_(model, LAYER_GAIN)
     model.save_pretrained(hf5)
     eos = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
     (hf5 / "generation_config.json").write_text(
