@@ -470,17 +470,23 @@ def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
         mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
 
     Gemma: one fused SDPA call. Gemma2 soft-caps the scores (cap * tanh(s / cap)) BEFORE the mask, which no
-    SDPA kernel can do, so only then the same maths is written out (softmax in float32, as the reference)."""
+    SDPA kernel can do, so only then the same maths is written out (softmax in float32, as the reference).
+    mask=None means every query sees every key (an unpadded prompt that is all prefix, or a decode step that
+    sees every filled slot): Gemma then runs SDPA with no mask at all, which shares the kv heads itself."""
     B, H, T, Dh = q.shape
+    if mask is None and softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
     G = H // k.shape[1]
-    q, mask = q.reshape(B, -1, G * T, Dh), mask.repeat(1, 1, G, 1)
+    q = q.reshape(B, -1, G * T, Dh)
+    mask = None if mask is None else mask.repeat(1, 1, G, 1)
     if softcap is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
         s = (q @ k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
         s = softcap * torch.tanh(s / softcap)
-        p = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-        y = p @ v
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        y = s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
     return y.view(B, H, T, Dh)
 
 
@@ -720,7 +726,14 @@ class PaliGemma(nn.Module):
         prefix = torch.zeros(B, S_max, dtype=torch.bool, device=x.device)  # generated tokens: not prefix
         prefix[:, :T] = token_type_ids == 0
         pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
-        h = self.language_model(x, pos, self.masks(keep[:, :T], prefix[:, :T], T), caches, 0)
+        unpadded = bool(attention_mask.all())
+        window = tc.sliding_window if "sliding_attention" in tc.layer_types else None
+        no_masks = {"full": None, "sliding": None}
+        if unpadded and bool(prefix[:, :T].all()):  # a prompt with no suffix: every token sees every other
+            masks = no_masks
+        else:
+            masks = self.masks(keep[:, :T], prefix[:, :T], T)
+        h = self.language_model(x, pos, masks, caches, 0)
         first = self.logits(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
         if not bool(torch.isfinite(first).all()):
             raise RuntimeError(
@@ -729,7 +742,11 @@ class PaliGemma(nn.Module):
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
 
         def step(token: torch.Tensor, i: int) -> torch.Tensor:
-            masks = self.masks(keep[:, : T + i + 1], prefix[:, : T + i + 1], 1, T + i)
+            S = T + i + 1
+            if unpadded and (window is None or S <= window):  # the new token sees every filled slot
+                masks = no_masks
+            else:
+                masks = self.masks(keep[:, :S], prefix[:, :S], 1, T + i)
             h = self.language_model(self.language_model.embed(token), n_real + i + 1, masks, caches, T + i)
             return self.logits(h[:, -1]).float()
 

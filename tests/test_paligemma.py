@@ -228,14 +228,14 @@ def test_batch_equals_one_by_one(ours):
         assert out[b].tolist() == one[0].tolist()
 
 
-def test_cache_equals_full_forward(ours, monkeypatch):
+@pytest.mark.parametrize("rows", [2, 1], ids=["padded", "unpadded"])
+def test_cache_equals_full_forward(ours, monkeypatch, rows):
     """Logits of every cached decode step equal the full no-cache forward over prompt + generated tokens, the
-    generated ones marked as suffix (token_type 1: causal). Two left-padded rows; for PaliGemma 2 the
-    sequence outgrows the sliding window."""
+    generated ones marked as suffix (token_type 1: causal). Two left-padded rows (every step masked), or one
+    row (the mask-free prefill and steps); for PaliGemma 2 the sequence outgrows the sliding window."""
     model, proc = ours
-    inputs = proc(
-        text=["caption en", "answer en is it raining outside?"], images=[image("photo"), image("tiny")]
-    )
+    texts, images = ["caption en", "answer en is it raining outside?"], [image("photo"), image("tiny")]
+    inputs = proc(text=texts[:rows], images=images[:rows])
     seen = []
     real_sample = common.sample
     monkeypatch.setattr(
