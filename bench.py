@@ -2,19 +2,28 @@
 
     python bench.py --model qwen2_vl --size small --device cpu
     python bench.py --model paligemma2 --size tiny --device cuda --dtype bfloat16
+    python bench.py --model qwen2_vl --size real-config --device cuda      # Qwen2-VL-2B's shapes, bf16
 
 --model: qwen2_vl, paligemma (PaliGemma 1), paligemma2, llava_onevision, video_llava or perception_lm.
 
-One checkpoint is built with random weights (tests/tiny.py, the same builder as the tests) and loaded
-by both implementations. Printed per implementation: preprocessing, vision encoder, time to first token
-(vision + prompt + one token), decode tokens/s at batch 1 and at --batch rows (default 8; EOS disabled: every
-run makes N tokens) and, on CUDA, peak memory; then ours/transformers (above 1 is better for tokens/s,
-below 1 for times).
+One checkpoint is built with random weights (tests/tiny.py, the same builder as the tests) and loaded by
+both implementations. --size real-config times the smallest published configuration of the model
+(REAL_CONFIGS, from tests/data) with transformers' own random initialisation built on the device, and the
+tiny checkpoint's tokenizer and processor files set to the published image sizes.
+Printed per implementation: preprocessing, vision encoder, time to first token (vision + prompt + one
+token), decode tokens/s at batch 1 and at --batch rows (default 8; EOS disabled: every run makes N tokens)
+and the working memory of a batch-1 generation (its peak minus what was in use before it: CUDA allocator
+statistics, or the process's peak resident set on Linux CPUs); then ours/transformers (above 1 is better
+for tokens/s, below 1 for times and memory).
 Median of --repeats runs after one warm-up, the two implementations interleaved.
 Protocol: ../shared/reference/benchmark-protocol.md. Needs requirements-dev.txt (transformers).
 """
 
 import argparse
+import ctypes
+import json
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,6 +55,119 @@ def median_time(fn, device, repeats):
     return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
+def resident_kb(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+
+
+def working_memory_mb(fn, device, repeats) -> float:
+    """Peak memory during `fn` minus the memory in use just before it (weights, the other model), in MiB.
+    CPU: the peak resident set, reset through /proc/self/clear_refs; main() makes glibc return every freed
+    block of 64 KiB or more to the system, so that memory freed by an earlier phase cannot hide this one's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = resident_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    for _ in range(repeats):
+        fn()
+    return (resident_kb("VmHWM") - before) / 1024
+
+
+def merge(into: dict, patch: dict) -> dict:
+    """`patch` written into `into`, nested dicts key by key."""
+    for k, v in patch.items():
+        into[k] = merge(into.get(k, {}), v) if isinstance(v, dict) else v
+    return into
+
+
+# The published configuration each model is timed at with --size real-config, and the processor settings that
+# go with it (as the published repos set them), as a function of that config.
+REAL_CONFIGS = {
+    "qwen2_vl": (
+        "qwen2_vl/Qwen2-VL-2B-Instruct",
+        lambda c: {"image_processor": {"size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}}},
+    ),
+    "paligemma": (
+        "paligemma/paligemma-3b-mix-224",
+        lambda c: {"image_processor": {"size": {"height": 224, "width": 224}, "image_seq_length": 256}},
+    ),
+    "paligemma2": (
+        "paligemma/paligemma2-3b-mix-224",
+        lambda c: {"image_processor": {"size": {"height": 224, "width": 224}, "image_seq_length": 256}},
+    ),
+    "llava_onevision": (
+        "llava_onevision/llava-onevision-qwen2-0.5b-ov-hf",
+        lambda c: {
+            "image_processor": {
+                "size": {"height": 384, "width": 384},
+                "image_grid_pinpoints": c["image_grid_pinpoints"],
+            },
+            "video_processor": {"size": {"height": 384, "width": 384}},
+            "num_image_tokens": 729,
+        },
+    ),
+    "video_llava": (
+        "video_llava/Video-LLaVA-7B-hf",
+        lambda c: {
+            p: {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
+            for p in ("image_processor", "video_processor")
+        },
+    ),
+    "perception_lm": (
+        "perception_lm/Perception-LM-1B",
+        lambda c: {
+            "image_processor": {"size": {"height": 448, "width": 448}, "tile_size": 448},
+            "video_processor": {"size": {"height": 448, "width": 448}},
+        },
+    ),
+}
+
+
+def real_config_checkpoint(model: str, tiny_dir: Path, hf_class, device, dtype) -> Path:
+    """A checkpoint in the published configuration with random weights: the published config.json with the
+    tiny tokenizer's special-token ids, transformers' own initialisation (built on `device` in `dtype`), and
+    the tiny checkpoint's tokenizer, chat template and processor files with the published image sizes."""
+    name, processor_patch = REAL_CONFIGS[model]
+    out = tiny_dir.with_name(tiny_dir.name + "_real")
+    out.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((ROOT / "tests" / "data" / f"{name}.config.json").read_text())
+    tiny_cfg = json.loads((tiny_dir / "config.json").read_text())
+    tiny_ids = {}  # every special-token id as the tiny tokenizer numbers it; `_index` is an older `_id`
+    for d in (tiny_cfg.get("text_config", {}), tiny_cfg):
+        tiny_ids |= {
+            re.sub("_index$", "_id", k): v for k, v in d.items() if re.search("token_(id|index)$", k)
+        }
+    for d in (cfg, cfg.get("text_config", {})):
+        for k in [k for k in d if re.search("token_(id|index)$", k)]:
+            d[k] = tiny_ids.get(re.sub("_index$", "_id", k), d[k])
+    (out / "config.json").write_text(json.dumps(cfg))
+    processor = json.loads((out / "processor_config.json").read_text())
+    (out / "processor_config.json").write_text(json.dumps(merge(processor, processor_patch(cfg))))
+    with torch.device(device):
+        ref = hf_class._from_config(hf_class.config_class.from_pretrained(out), dtype=dtype)
+    ref.save_pretrained(out)
+    del ref
+    return out
+
+
+def checkpoint(a, build, hf_class, device, dtype) -> Path:
+    """The directory both implementations load: a tests/tiny.py build at --size, or a real-config one."""
+    size = "tiny" if a.size == "real-config" else a.size
+    ckpt = build(Path(tempfile.mkdtemp()), size)["hf5"]
+    return real_config_checkpoint(a.model, ckpt, hf_class, device, dtype) if a.size == "real-config" else ckpt
+
+
 def load_pair(module, hf_class, ckpt, device, dtype, impl="sdpa"):
     """Our model and processor, and transformers' model and processor, from one checkpoint directory."""
     from transformers import AutoProcessor
@@ -59,27 +181,56 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
     """The timed calls of one model on one prompt: `media` is the processor keyword and its one item (e.g.
     {"images": img}), `vision` the (ours, transformers) vision encoders as functions of the inputs.
     NOTE: every run makes exactly n tokens: ours with no EOS ids; transformers with min_new_tokens = n, since
-    an eos_token_id of None in a GenerationConfig is filled in from the checkpoint's generation_config."""
-    from transformers import GenerationConfig
+    an eos_token_id of None in a GenerationConfig is filled in from the checkpoint's generation_config.
+    Decode time is measured inside each run, from the moment the first new token is chosen (the prefill's
+    end) to the end, not as the difference of two separately timed runs, which a long prefill's noise
+    swamps."""
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
     one = {k: [v] for k, v in media.items()}
     inputs = {k: v.to(device) for k, v in proc(text=text, **one).items()}
     batch = proc(text=[text] * a.batch, **{k: [v] * a.batch for k, v in media.items()})
     batch = {k: v.to(device) for k, v in batch.items()}
+    marks: list[float] = []  # the time the first new token was chosen, in the run being timed
+
+    def mark_first() -> None:
+        if not marks:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    class MarkFirst(LogitsProcessor):  # transformers calls it on each step's logits, before choosing
+        def __call__(self, input_ids, scores):
+            mark_first()
+            return scores
+
+    real_sample = common.sample  # ours: common.generate_loop calls common.sample once per new token
+    common.sample = lambda *args, **kw: mark_first() or real_sample(*args, **kw)
 
     def hf(data, n):
         cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-        return ref.generate(**data, generation_config=cfg)
+        return ref.generate(
+            **data, generation_config=cfg, logits_processor=LogitsProcessorList([MarkFirst()])
+        )
 
     def mine(data, n):
         return ours.generate(**data, max_new_tokens=n, eos_token_ids=[])
 
+    def decode_s(generate, data):
+        def run() -> float:
+            marks.clear()
+            generate(data, a.new_tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - marks[0]
+
+        return run
+
     def calls(generate):
         return {
             "ttft_s": lambda: generate(inputs, 1),
-            "ttftB": lambda: generate(batch, 1),
-            "gen1": lambda: generate(inputs, a.new_tokens),
-            "genB": lambda: generate(batch, a.new_tokens),
+            "decode1": decode_s(generate, inputs),
+            "decodeB": decode_s(generate, batch),
         }
 
     ids = inputs["input_ids"]
@@ -113,9 +264,10 @@ def bench_qwen2_vl(a, device, dtype):
 
     import qwen2_vl
 
-    dirs = tiny.build_qwen2_vl(Path(tempfile.mkdtemp()), a.size)
-    ours, proc, ref, hproc = load_pair(qwen2_vl, Qwen2VLForConditionalGeneration, dirs["hf5"], device, dtype)
-    img = Image.fromarray(tiny.synthetic_image(224, 224))
+    ckpt = checkpoint(a, tiny.build_qwen2_vl, Qwen2VLForConditionalGeneration, device, dtype)
+    ours, proc, ref, hproc = load_pair(qwen2_vl, Qwen2VLForConditionalGeneration, ckpt, device, dtype)
+    side = 448 if a.size == "real-config" else 224  # real-config: 256 image tokens
+    img = Image.fromarray(tiny.synthetic_image(side, side))
     vision = (
         lambda x: ours.visual(x["pixel_values"].to(dtype), x["image_grid_thw"].cpu()),
         lambda x: ref.model.visual(x["pixel_values"].to(dtype), grid_thw=x["image_grid_thw"]),
@@ -130,11 +282,12 @@ def bench_paligemma(a, device, dtype):
     import paligemma
 
     version = 2 if a.model == "paligemma2" else 1
-    dirs = tiny.build_paligemma(Path(tempfile.mkdtemp()), version, a.size)
+    build = lambda root, size: tiny.build_paligemma(root, version, size)  # noqa: E731
+    ckpt = checkpoint(a, build, PaliGemmaForConditionalGeneration, device, dtype)
     # NOTE: Gemma2 has no SDPA path in transformers (soft-capping): its reference runs eager attention
     impl = "eager" if version == 2 else "sdpa"
     ours, proc, ref, hproc = load_pair(
-        paligemma, PaliGemmaForConditionalGeneration, dirs["hf5"], device, dtype, impl
+        paligemma, PaliGemmaForConditionalGeneration, ckpt, device, dtype, impl
     )
     print(f"transformers attention: {impl}")
     img = Image.fromarray(tiny.synthetic_image(240, 320))
@@ -151,9 +304,9 @@ def bench_llava_onevision(a, device, dtype):
 
     import llava_onevision
 
-    dirs = tiny.build_llava_onevision(Path(tempfile.mkdtemp()), a.size)
+    ckpt = checkpoint(a, tiny.build_llava_onevision, LlavaOnevisionForConditionalGeneration, device, dtype)
     ours, proc, ref, hproc = load_pair(
-        llava_onevision, LlavaOnevisionForConditionalGeneration, dirs["hf5"], device, dtype
+        llava_onevision, LlavaOnevisionForConditionalGeneration, ckpt, device, dtype
     )
     tile = ours.cfg.vision_config.image_size
     # tiny: a 2 x 2 tile grid plus the base; small: 1 tile plus the base (1485 tokens), to keep CPU runs short
@@ -175,10 +328,8 @@ def bench_video_llava(a, device, dtype):
 
     import video_llava
 
-    dirs = tiny.build_video_llava(Path(tempfile.mkdtemp()), a.size)
-    ours, proc, ref, hproc = load_pair(
-        video_llava, VideoLlavaForConditionalGeneration, dirs["hf5"], device, dtype
-    )
+    ckpt = checkpoint(a, tiny.build_video_llava, VideoLlavaForConditionalGeneration, device, dtype)
+    ours, proc, ref, hproc = load_pair(video_llava, VideoLlavaForConditionalGeneration, ckpt, device, dtype)
     px = ours.cfg.vision_config.image_size
     video = tiny.synthetic_video(8, px, px * 4 // 3)  # the trained 8 frames
     vision = (
@@ -194,9 +345,9 @@ def bench_perception_lm(a, device, dtype):
 
     import perception_lm
 
-    dirs = tiny.build_perception_lm(Path(tempfile.mkdtemp()), a.size)
+    ckpt = checkpoint(a, tiny.build_perception_lm, PerceptionLMForConditionalGeneration, device, dtype)
     ours, proc, ref, hproc = load_pair(
-        perception_lm, PerceptionLMForConditionalGeneration, dirs["hf5"], device, dtype
+        perception_lm, PerceptionLMForConditionalGeneration, ckpt, device, dtype
     )
     tile = ours.cfg.vision_config.image_size
     img = Image.fromarray(tiny.synthetic_image(tile * 3 // 2, tile * 2))
@@ -221,7 +372,7 @@ BENCHES = {
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2_vl", choices=sorted(BENCHES))
-    ap.add_argument("--size", default="small", choices=["tiny", "small"])
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "real-config"])
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -229,9 +380,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
+    if a.batch < 2 or a.new_tokens < 2:
+        ap.error("--batch and --new-tokens must be at least 2 (batch 1 is always measured)")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = common.pick_device(a.device)
+    measure_memory = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
+    if device.type == "cpu" and measure_memory:
+        M_MMAP_THRESHOLD = -3  # a fixed threshold: blocks above it are unmapped as soon as they are freed
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     dtype = common.pick_dtype(a.dtype, device)
     runs = BENCHES[a.model](a, device, dtype)
     results = {name: {} for name in runs}
@@ -241,21 +398,26 @@ def main():
                 fn()
         for key in runs["ours"]:  # interleaved: ours, transformers, ours, ...
             for name in runs:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                results[name][key] = median_time(runs[name][key], device, a.repeats)
-                if device.type == "cuda" and key == "gen1":
-                    results[name]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                fn = runs[name][key]
+                if key.startswith("decode"):  # these runs measure their own decode time
+                    results[name][key] = statistics.median(fn() for _ in range(a.repeats))
+                else:
+                    results[name][key] = median_time(fn, device, a.repeats)
+        if measure_memory:
+            for name in runs:
+                results[name]["work_mem_mb"] = working_memory_mb(runs[name]["decode1"], device, 1)
     for r in results.values():
         N = a.new_tokens
-        r["decode_tok_s_b1"] = (N - 1) / max(r["gen1"] - r["ttft_s"], 1e-9)
-        r[f"decode_tok_s_b{a.batch}"] = a.batch * (N - 1) / max(r.pop("genB") - r.pop("ttftB"), 1e-9)
-        r.pop("gen1")
+        r["decode_tok_s_b1"] = (N - 1) / r.pop("decode1")
+        r[f"decode_tok_s_b{a.batch}"] = a.batch * (N - 1) / r.pop("decodeB")
     keys = list(results["ours"])
     print(f"{'':18}" + "".join(f"{k:>18}" for k in keys))
     for name, r in results.items():
         print(f"{name:18}" + "".join(f"{r[k]:18.4f}" for k in keys))
-    ratio = {k: results["ours"][k] / results["transformers"][k] for k in keys}
+    ratio = {
+        k: results["ours"][k] / results["transformers"][k] if results["transformers"][k] else float("nan")
+        for k in keys
+    }
     print(f"{'ours/transformers':18}" + "".join(f"{ratio[k]:18.2f}" for k in keys))
 
 
