@@ -8,6 +8,7 @@
   (per-row EOS, finished rows padded, streamer callback)
 - media: `load_image` (path, URL, data URI, PIL, numpy) and `load_video` (PyAV, uniform by count or fps)
 - `pick_device`, `pick_dtype`; the command-line options and output every model's `main()` shares
+- `record_shapes`: forward hooks that record each named stage's output shape (notebooks, `--explain`)
 Layers never live here: every model file defines its own, so it can be read alone.
 """
 
@@ -20,7 +21,8 @@ import os
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -487,6 +489,33 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
     if not frames:
         raise ValueError(f"{src} contains no decodable video frames")
     return Video(np.stack([frames[i] for i in wanted]), wanted, [i / rate for i in wanted], rate, total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes through a model
+
+
+@contextmanager
+def record_shapes(model: torch.nn.Module, stages: list[tuple[str, str, str]]) -> Iterator[list[dict]]:
+    """Records the output shape of every named stage while the block runs. `stages` is a model file's
+    STAGES: (submodule path, what it does, its shape in the legend). Yields a list that receives one
+    {"stage", "module", "legend", "shape"} per call, in call order (a prefill and each decode step all add
+    rows). The hooks are removed when the block ends; the model itself is not changed."""
+    rows: list[dict] = []
+
+    def hook(path: str, what: str, legend: str):
+        def record(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            rows.append(dict(stage=what, module=path, legend=legend, shape=tuple(out.shape)))
+
+        return record
+
+    handles = [model.get_submodule(p).register_forward_hook(hook(p, w, leg)) for p, w, leg in stages]
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -645,6 +645,21 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
 
 
+# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
+# does, its output shape in the legend).
+STAGES = [
+    ("vision_tower.embeddings", "SigLIP patch embedding of every tile", "(n, N, Dv)"),
+    ("vision_tower.encoder.layers.0", "SigLIP layer 1 (within each tile)", "(n, N, Dv)"),
+    ("multi_modal_projector", "2-layer MLP projector -> decoder width", "(n, N, D)"),
+    ("language_model.embed_tokens", "token embeddings (packed features written over <image>)", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
+
+
 class LlavaOnevision(nn.Module):
     def __init__(self, cfg: LlavaOnevisionConfig):
         super().__init__()

@@ -619,6 +619,22 @@ def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = N
     return (((causal | both_prefix) & keep[:, None, :]) | (s == t))[:, None]
 
 
+# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
+# does, its output shape in the legend).
+STAGES = [
+    ("vision_tower.embeddings", "SigLIP patch embedding + learned positions", "(n, N, Dv)"),
+    ("vision_tower.encoder.layers.0", "SigLIP layer 1 (bidirectional)", "(n, N, Dv)"),
+    ("vision_tower.post_layernorm", "final LayerNorm of the tower", "(n, N, Dv)"),
+    ("multi_modal_projector", "linear projector -> decoder width", "(n, N, D)"),
+    ("language_model.embed_tokens", "token embeddings (before the sqrt(D) scale)", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads", "(B, T, Hkv*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (prefix-LM attention + GeGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
+
+
 class PaliGemma(nn.Module):
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()

@@ -701,6 +701,22 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
 
 
+# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
+# does, its output shape in the legend).
+STAGES = [
+    ("vision_tower.timm_model.patch_embed", "Perception Encoder patch embedding per tile", "(n, N, Dv)"),
+    ("vision_tower.timm_model.norm_pre", "+ CLS and learned positions, LayerNorm", "(n, 1+N, Dv)"),
+    ("vision_tower.timm_model.blocks.0", "PE block 1 (2-D RoPE, within each tile)", "(n, 1+N, Dv)"),
+    ("multi_modal_projector", "MLP projector, then 2x2 average pooling", "(n, N/4, D)"),
+    ("language_model.embed_tokens", "token embeddings (features written over <|image|>)", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
+
+
 class PerceptionLM(nn.Module):
     def __init__(self, cfg: PerceptionLMConfig):
         super().__init__()

@@ -729,6 +729,21 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
 
 
+# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
+# does, its output shape in the legend).
+STAGES = [
+    ("visual.patch_embed", "patch embedding: 3*2*14*14 values -> Dv", "(N, Dv)"),
+    ("visual.blocks.0", "vision block 1 (2-D RoPE, attention within each image)", "(N, Dv)"),
+    ("visual.merger", "2x2 merge + MLP -> decoder width", "(N/4, D)"),
+    ("model.embed_tokens", "token embeddings (vision features written over the pads)", "(B, T, D)"),
+    ("model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
+    ("model.layers.0", "decoder layer 1 (M-RoPE attention + SwiGLU)", "(B, T, D)"),
+    ("model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
+
+
 class Qwen2VL(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()

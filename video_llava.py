@@ -586,6 +586,21 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
 
 
+# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
+# does, its output shape in the legend).
+STAGES = [
+    ("image_tower.embeddings", "image tower: CLS + patch embedding + positions", "(n, 1+N, Dv)"),
+    ("video_tower.embeddings", "video tower: the same, for every frame", "(n*F, 1+N, Dv)"),
+    ("video_tower.encoder.layers.0", "video tower layer 1 (within each frame)", "(n*F, 1+N, Dv)"),
+    ("multi_modal_projector", "2-layer MLP projector (images: CLS dropped first)", "(n, N or 1+N, D)"),
+    ("language_model.embed_tokens", "token embeddings (features written over <image>/<video>)", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
+
+
 class VideoLlava(nn.Module):
     def __init__(self, cfg: VideoLlavaConfig):
         super().__init__()

@@ -253,3 +253,19 @@ def test_load_video_errors(tmp_path):
     make_video.write_video(tmp_path / "empty.mp4", np.zeros((0, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="no video frames"):
         common.load_video(tmp_path / "empty.mp4")
+
+
+def test_record_shapes_hooks_named_stages_and_removes_them():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    stages = [("0", "first linear", "(B, 8)"), ("2", "second linear", "(B, 3)")]
+    with common.record_shapes(model, stages) as rows:
+        model(torch.zeros(5, 4))
+        model(torch.zeros(1, 4))  # a second call (a decode step) adds rows
+    got = [(r["module"], r["shape"]) for r in rows]
+    assert got == [("0", (5, 8)), ("2", (5, 3)), ("0", (1, 8)), ("2", (1, 3))]
+    assert rows[1]["stage"] == "second linear" and rows[1]["legend"] == "(B, 3)"
+    model(torch.zeros(2, 4))
+    assert len(rows) == 4, "the hooks are gone after the block"
+    with pytest.raises(AttributeError):
+        with common.record_shapes(model, [("9", "no such module", "")]):
+            pass
