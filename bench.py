@@ -35,8 +35,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))
-import conftest  # noqa: E402,F401  (the torchvision stand-in when the real one cannot load)
 import tiny  # noqa: E402
+
+tiny.torchvision_for_reference()  # the stand-in when the real torchvision cannot load
 
 import common  # noqa: E402
 

@@ -1,6 +1,5 @@
 """Test setup: the repository root on sys.path, the torchvision stand-in when needed, tiny checkpoints."""
 
-import importlib
 import sys
 from pathlib import Path
 
@@ -10,17 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-# transformers 5.23 runs its default image/video processors through torchvision. The PyPI wheels are CUDA
-# builds that cannot load next to a CPU-only torch, so use the stand-in (see its docstring) unless the real
-# package imports. This must happen before transformers is imported anywhere.
-try:
-    importlib.import_module("torchvision.transforms.v2.functional")
-    TORCHVISION = "real"
-except Exception:
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(ROOT / "tests" / "torchvision_stub"))
-    TORCHVISION = "stand-in"
+import tiny  # noqa: E402
+
+TORCHVISION = tiny.torchvision_for_reference()
 
 
 def pytest_report_header(config):

@@ -12,13 +12,30 @@ shape tests cover the published sizes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+
+def torchvision_for_reference() -> str:
+    """transformers 5.23 runs its default image/video processors through torchvision. The PyPI wheels are CUDA
+    builds that cannot load next to a CPU-only torch, so use the stand-in in torchvision_stub/ (see its
+    docstring) unless the real package imports. Call it before transformers is imported anywhere."""
+    try:
+        importlib.import_module("torchvision.transforms.v2.functional")
+        return "real"
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "torchvision_stub"))
+        return "stand-in"
+
 
 CORPUS = [
     "Describe this image. What is in the picture? A cat sits on a red mat near the window.",
