@@ -1,0 +1,249 @@
+"""Helpers the teaching notebooks share: picking a checkpoint, and drawing. Nothing here is architecture:
+the notebooks call the model files for that.
+
+- `load_checkpoint`: a directory named by an environment variable, else the official default (downloaded),
+  else a tiny random checkpoint built on the spot with tests/tiny.py (answers are then random tokens)
+- `example_photo`, `example_video`: the repository's example media (the video is written on first use)
+- `draw_grid`, `draw_tokens`, `draw_heat`: the pictures; `table`, `shape_table`: Markdown tables
+- `stream`: generation with the answer streamed as it is produced, and its timings
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import Markdown, display
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests", ROOT / "examples"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import common  # noqa: E402
+
+MODELS = ("qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm")
+PHOTO = ROOT / "examples" / "grace_hopper.jpg"
+VIDEO = ROOT / "examples" / "pan.mp4"
+COLORS = {"text": "#9ecae1", "special": "#fdae6b", "image": "#74c476", "video": "#9e9ac8", "pad": "#d9d9d9"}
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, imported by transformers
+plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 11, "font.size": 9})
+
+
+def example_photo() -> Image.Image:
+    return common.load_image(PHOTO)
+
+
+def example_video() -> Path:
+    """examples/pan.mp4 (2 s, 24 fps, 256x192, panning over the photo), written by examples/make_video.py."""
+    if not VIDEO.is_file():
+        import make_video
+
+        make_video.write_video(VIDEO, make_video.pan_frames())
+    return VIDEO
+
+
+def load_checkpoint(m, env: str, build: str, **build_args):
+    """(model, processor, tiny) for model file `m`. Order: the directory in $env, the official default
+    m.DEFAULT (downloaded once to the Hugging Face cache; set HF_HUB_OFFLINE=1 to skip it), and, when neither
+    can be had, a tiny random-weight checkpoint in the published layout built by tests/tiny.py's `build`."""
+    path = os.environ.get(env)
+    if not path:
+        try:
+            path = str(common.checkpoint_dir(m.DEFAULT))
+        except ValueError as e:
+            print(f"no real checkpoint: {str(e).split('(')[0].strip()}")
+    if path:
+        model, processor = m.load(path)
+        print(f"loaded {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+        return model, processor, False
+    ckpt = tiny_checkpoint(build, **build_args)
+    model, processor = m.load(ckpt, device="cpu")
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"NOTE: using a TINY RANDOM checkpoint ({n / 1e6:.2f}M parameters, built by tests/tiny.py).\n"
+        f"Its answers are random tokens and its widths are tiny. Set {env}=DIR (a checkpoint directory) or\n"
+        f"allow the download of {m.DEFAULT} to see the real model. Pictures of preprocessing, prompts,\n"
+        "positions and masks below use the published settings either way."
+    )
+    return model, processor, True
+
+
+def meta_model(m, config_json: Path) -> torch.nn.Module:
+    """The model of model file `m` for a published config.json, built on the meta device (no memory is
+    allocated): for counting parameters and reading the parsed config. The model class X is the one whose
+    config class XConfig sits beside it in the file."""
+    for name, cls in vars(m).items():
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(m, name + "Config"):
+            cfg = getattr(m, name + "Config").from_hf(json.loads(Path(config_json).read_text()))
+            with torch.device("meta"):
+                return cls(cfg)
+    raise ValueError(f"no model class with a config class in {m.__name__}")
+
+
+def tile_canvas(tiles, rows: int, cols: int, mean, std) -> torch.Tensor:
+    """(rows*cols, 3, S, S) normalised tiles, row by row -> one (rows*S, cols*S, 3) picture."""
+    pics = [torch.from_numpy(to_image(t, mean, std)) for t in tiles]
+    return torch.cat([torch.cat(pics[r * cols : (r + 1) * cols], 1) for r in range(rows)])
+
+
+def on(model, inputs: dict) -> dict:
+    """The processor's tensors moved to the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def tiny_checkpoint(build: str, **build_args) -> Path:
+    """A tiny random-weight checkpoint in the published layout, built by tests/tiny.py's `build` in a
+    temporary directory (quietly: the builder uses transformers, which reports its progress)."""
+    import tiny
+
+    tiny.torchvision_for_reference()
+    out = Path(tempfile.mkdtemp(prefix="tiny_"))
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return getattr(tiny, build)(out, **build_args)["hub"]
+
+
+def draw_grid(ax, image, rows: int, cols: int, title: str, color: str = "white", lw: float = 0.6) -> None:
+    """An image with a rows x cols grid over it (patches, merged tokens or tiles)."""
+    image = np.asarray(image)
+    H, W = image.shape[:2]
+    ax.imshow(image, extent=(0, W, H, 0))
+    for r in range(1, rows):
+        ax.axhline(r * H / rows, color=color, lw=lw)
+    for c in range(1, cols):
+        ax.axvline(c * W / cols, color=color, lw=lw)
+    ax.set(title=title, xlabel="x (pixels)", ylabel="y (pixels)")
+
+
+def to_image(x, mean, std) -> np.ndarray:
+    """A normalised (3, H, W) tensor back to an (H, W, 3) picture."""
+    m, s = np.array(mean)[:, None, None], np.array(std)[:, None, None]
+    return np.clip((x.float().numpy() * s + m).transpose(1, 2, 0), 0, 1)
+
+
+def token_kinds(ids, processor) -> list[str]:
+    """text, special, image or video per token (the ids of the last two from the processor)."""
+    image_id, video_id = processor.image_token_id, getattr(processor, "video_token_id", None)
+    vocab_size = processor.tokenizer.tok.get_vocab_size(with_added_tokens=False)
+    kinds = []
+    for i in ids:
+        i = int(i)
+        piece = processor.tokenizer.tok.id_to_token(i) or ""
+        if i == image_id:
+            kinds.append("image")
+        elif i == video_id:
+            kinds.append("video")
+        elif i >= vocab_size or (piece.startswith("<") and piece.endswith(">") and len(piece) > 2):
+            kinds.append("special")
+        else:
+            kinds.append("text")
+    return kinds
+
+
+def draw_tokens(ids, processor, title: str) -> None:
+    """The token stream as a grid of cells, one per token, coloured by kind, read left to right."""
+    kinds = token_kinds(ids, processor)
+    per_row = 64 * -(-len(kinds) // (64 * 24))  # at most 24 rows
+    n_rows = -(-len(kinds) // per_row)
+    grid = np.ones((n_rows, per_row, 3))
+    for i, k in enumerate(kinds):
+        grid[i // per_row, i % per_row] = [int(COLORS[k][j : j + 2], 16) / 255 for j in (1, 3, 5)]
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.16 * n_rows))
+    ax.imshow(grid, aspect="auto", interpolation="nearest")
+    ax.set(title=title, xlabel=f"token index mod {per_row}", ylabel=f"row of {per_row} tokens")
+    ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    counts = {k: kinds.count(k) for k in COLORS if k in kinds}
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in counts]
+    ax.legend(handles, [f"{k}: {n}" for k, n in counts.items()], loc="upper left", bbox_to_anchor=(1, 1))
+    plt.show()
+
+
+def compact(ids, processor) -> str:
+    """The prompt's tokens as text, with runs of one repeated special token written once with its count."""
+    pieces, i = [], 0
+    ids = [int(t) for t in ids]
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] == ids[i]:
+            j += 1
+        text = processor.tokenizer.decode([ids[i]], skip_special_tokens=False)
+        pieces.append(f"{text} x {j - i} " if j - i > 3 else text * (j - i))
+        i = j
+    return "".join(pieces)
+
+
+def draw_heat(ax, image, heat, title: str, alpha: float = 0.55) -> None:
+    """A (rows, cols) map stretched over the image."""
+    image = np.asarray(image)
+    H, W = image.shape[:2]
+    ax.imshow(image, extent=(0, W, H, 0))
+    im = ax.imshow(heat, extent=(0, W, H, 0), cmap="inferno", alpha=alpha, interpolation="nearest")
+    ax.set(title=title, xlabel="x (pixels)", ylabel="y (pixels)")
+    plt.colorbar(im, ax=ax, fraction=0.046)
+
+
+def table(rows: list[dict] | list[list], headers: list[str] | None = None) -> None:
+    """A Markdown table (rendered by Jupyter and by code hosts)."""
+    headers = headers or list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        cells = [r[h] for h in headers] if isinstance(r, dict) else r
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    display(Markdown("\n".join(lines)))
+
+
+def shape_table(recorded: list[dict], stages, inputs: dict) -> None:
+    """The inputs' shapes, then each stage's first recorded call. Every stage must have run."""
+    seen = {}
+    for r in recorded:
+        seen.setdefault(r["module"], r)
+    missing = [p for p, _, _ in stages if p not in seen]
+    assert not missing, f"these stages never ran: {missing}"
+    rows = [[f"input `{k}`", "", str(tuple(v.shape))] for k, v in inputs.items()]
+    rows += [[f"`{p}`: {what}", legend, str(seen[p]["shape"])] for p, what, legend in stages]
+    table(rows, ["stage", "legend", "shape"])
+
+
+def stream(model, inputs: dict, max_new_tokens: int = 24, **kw) -> tuple[str, dict]:
+    """Generates with the answer printed as it streams; returns it and the timings."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    stamps: list[float] = []
+
+    def streamer(piece: str) -> None:
+        stamps.append(time.perf_counter())
+        print(piece, end="", flush=True)
+
+    t0 = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **kw)
+    t1 = time.perf_counter()
+    print()
+    n = out.shape[1]
+    ttft = (stamps[0] if stamps else t1) - t0
+    rate = (n - 1) / (t1 - t0 - ttft) if n > 1 else float("nan")
+    timing = dict(prompt_tokens=inputs["input_ids"].shape[1], new_tokens=n, ttft_s=round(ttft, 3))
+    timing.update(tokens_per_s=round(rate, 1), steps_s=np.diff([t0] + stamps).round(4).tolist())
+    return model.tokenizer.decode(out[0]), timing
+
+
+def draw_step_times(timing: dict, title: str) -> None:
+    """Time to each streamed piece: the first bar is the prefill (vision + prompt), the rest decode steps."""
+    fig, ax = plt.subplots(figsize=(8, 2.4))
+    steps = timing["steps_s"]
+    ax.bar(range(len(steps)), [s * 1000 for s in steps], color=["#e6550d"] + ["#3182bd"] * (len(steps) - 1))
+    ax.set(title=title, xlabel="streamed piece (0 = first token, after the prefill)", ylabel="ms")
+    ax.set_yscale("log")
+    plt.show()
