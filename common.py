@@ -14,13 +14,16 @@ Layers never live here: every model file defines its own, so it can be read alon
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
+import math
 import os
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,11 +38,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`None` picks cuda, then mps, then cpu."""
+    """`None` picks cuda, then mps, then cpu. An explicit device must exist on this machine."""
     if device is not None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+            raise ValueError(f"device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError("device mps was asked for but torch sees no Apple GPU; use --device cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {device.type!r} is not supported: use cpu, cuda or mps")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -60,7 +74,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
     if dtype == torch.float16:
-        print("warning: float16 overflows in these models' activations (NaN logits); prefer bfloat16")
+        print(
+            "warning: float16 overflows in these models' activations (NaN logits); prefer bfloat16",
+            file=sys.stderr,
+        )
     return dtype
 
 
@@ -182,8 +199,11 @@ def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
 
     names = {}
     for f in files:
-        with safe_open(f, "pt") as sf:
-            names.update({k: f for k in sf.keys()})
+        try:
+            with safe_open(f, "pt") as sf:
+                names.update({k: f for k in sf.keys()})
+        except Exception as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}): download it again") from e
     return names
 
 
@@ -207,7 +227,11 @@ def load_weights(
         by_file.setdefault(f, []).append(name)
     state, unexpected = {}, []
     for f, names in by_file.items():
-        with safe_open(f, "pt", device="cpu") as sf:
+        try:
+            sf = safe_open(f, "pt", device="cpu")
+        except Exception as e:  # a truncated download, a pickle renamed, a missing shard
+            raise ValueError(f"{f} is not a readable safetensors file ({e}): download it again") from e
+        with sf:
             for name in names:
                 new = rename(name)
                 if new is None:
@@ -296,12 +320,41 @@ def sample(
 
 @dataclass
 class GenerationSettings:
+    """Sampling settings, checked when made: a value out of range is an error, never a silently odd answer."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 = off)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 = off)"),
+        ]
+        for name, value, ok, allowed in checks:
+            if (
+                not ok
+                or not math.isfinite(value)
+                or (name in ("max_new_tokens", "top_k") and value != int(value))
+            ):
+                raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_context(n_positions: int, max_new_tokens: int, limit: int) -> None:
+    """A prompt that reaches position `n_positions`, plus the new tokens, must fit the checkpoint's
+    max_position_embeddings (none of the five decoders was trained to go further)."""
+    if n_positions + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt takes {n_positions} positions and max_new_tokens is {max_new_tokens}: together "
+            f"more than this checkpoint's max_position_embeddings ({limit}); use fewer or smaller images or "
+            "frames, a shorter prompt or fewer new tokens"
+        )
 
 
 def generate_loop(
@@ -372,22 +425,42 @@ def generate_loop(
 # Media
 
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
-URL_TIMEOUT_S = 20
+URL_TIMEOUT_S = 20  # for each read
+URL_DEADLINE_S = 60  # for a whole download
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused (decompression bombs)
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the limit in force; --max-image-pixels sets it
 
 
 def _read_url(url: str) -> bytes:
+    deadline, chunks, size = time.monotonic() + URL_DEADLINE_S, [], 0
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as r:
-            data = r.read(MAX_DOWNLOAD_BYTES + 1)
+            while chunk := r.read(1 << 16):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES or time.monotonic() > deadline:
+                    break
     except Exception as e:
         raise ValueError(f"could not fetch {url}: {e}") from e
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ValueError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MiB")
-    return data
+    if size > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MiB: download and resize it first")
+    if time.monotonic() > deadline:
+        raise ValueError(f"{url} took more than {URL_DEADLINE_S} s to download: download it, pass the file")
+    return b"".join(chunks)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; anything with transparency is composited onto white (as the reference processors do)."""
+    """RGB; anything with transparency is composited onto white (as the reference processors do). 16-bit and
+    32-bit grey images are scaled to 8 bits (PIL's own convert would clip them to nearly white)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        x = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":  # floats: 0..1, or already 0..255
+            x = x * 255.0 if x.max(initial=0) <= 1.0 else x
+        elif (
+            image.mode.startswith("I;16") or x.max(initial=0) > 255
+        ):  # 16-bit range (32-bit "I" holds it too)
+            x = x / 257.0
+        image = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = Image.alpha_composite(
             Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA")
@@ -417,8 +490,20 @@ def load_image(src: str | Path | Image.Image | np.ndarray) -> Image.Image:
             raise FileNotFoundError(f"image file not found: {src}")
         data, name = Path(src).read_bytes(), src
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():  # our own limit below replaces PIL's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{name} is {image.width}x{image.height} = {image.width * image.height} pixels, more "
+                    f"than the limit of {MAX_IMAGE_PIXELS} (a guard against decompression bombs): downscale "
+                    "it, or raise the limit with --max-image-pixels N (common.MAX_IMAGE_PIXELS in Python)"
+                )
+            image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{name} is not a readable image ({e})") from e
     return to_rgb(ImageOps.exif_transpose(image))
@@ -437,15 +522,34 @@ def sample_frame_indices(
     total: int, num_frames: int | None = None, fps: float | None = None, video_fps: float | None = None
 ) -> list[int]:
     """Uniform indices: `num_frames` of them, or `fps` per second of video. Clamped to what the video has."""
-    if num_frames is not None and fps is not None:
-        raise ValueError("give num_frames or fps, not both")
+    check_frames(num_frames, fps)
     if fps is not None:
         num_frames = max(1, int(total / (video_fps or 24.0) * fps))
     if num_frames is None or num_frames >= total:
         if num_frames is not None and num_frames > total:
-            print(f"note: the video has {total} frames; using all of them instead of {num_frames}")
+            print(
+                f"note: the video has {total} frames; using all {total} instead of {num_frames}",
+                file=sys.stderr,
+            )
         return list(range(total))
     return torch.arange(0, total, total / num_frames).int().tolist()[:num_frames]
+
+
+def describe(v: Video) -> str:
+    """One line about a loaded video, for the command line's notes."""
+    H, W = v.frames.shape[1:3]
+    times = ", ".join(f"{t:.2f}" for t in v.timestamps)
+    return f"{len(v.indices)} of {v.total_frames} frames ({times} s), {W}x{H}"
+
+
+def check_frames(num_frames: int | None, fps: float | None) -> None:
+    """How many frames to sample: `num_frames` (>= 1) or `fps` (> 0), not both."""
+    if num_frames is not None and fps is not None:
+        raise ValueError("give --num-frames or --fps, not both")
+    if num_frames is not None and (num_frames != int(num_frames) or num_frames < 1):
+        raise ValueError(f"the number of frames must be a whole number >= 1, got {num_frames}")
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be > 0, got {fps}")
 
 
 def load_video(src: str | Path, num_frames: int | None = None, fps: float | None = None) -> Video:
@@ -453,6 +557,7 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
     each one instead of decoding the whole file."""
     import av
 
+    check_frames(num_frames, fps)
     src = str(src)
     if not src.startswith(("http://", "https://")) and not os.path.isfile(src):
         raise FileNotFoundError(f"video file not found: {src}")
@@ -483,6 +588,12 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
             container.seek(0)
             decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
             if total == 0 or len(decoded) < total:
+                if total and decoded:
+                    print(
+                        f"note: {src}: its header says {total} frames but only {len(decoded)} decode; "
+                        "sampling from those",
+                        file=sys.stderr,
+                    )
                 total = len(decoded)
                 wanted = sample_frame_indices(total, num_frames, fps, rate) if total else []
             frames = {i: decoded[i] for i in wanted}
@@ -499,14 +610,16 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
 def record_shapes(model: torch.nn.Module, stages: list[tuple[str, str, str]]) -> Iterator[list[dict]]:
     """Records the output shape of every named stage while the block runs. `stages` is a model file's
     STAGES: (submodule path, what it does, its shape in the legend). Yields a list that receives one
-    {"stage", "module", "legend", "shape"} per call, in call order (a prefill and each decode step all add
+    {"stage", "module", "legend", "shape", "inputs"} per call (`inputs`: the shapes of its tensor
+    arguments), in call order (a prefill and each decode step all add
     rows). The hooks are removed when the block ends; the model itself is not changed."""
     rows: list[dict] = []
 
     def hook(path: str, what: str, legend: str):
         def record(module, args, out):
             out = out[0] if isinstance(out, tuple) else out
-            rows.append(dict(stage=what, module=path, legend=legend, shape=tuple(out.shape)))
+            ins = [tuple(x.shape) for x in args if torch.is_tensor(x)]
+            rows.append(dict(stage=what, module=path, legend=legend, shape=tuple(out.shape), inputs=ins))
 
         return record
 
@@ -522,21 +635,104 @@ def record_shapes(model: torch.nn.Module, stages: list[tuple[str, str, str]]) ->
 # Command line: the options and the output every model's main() shares
 
 
-def add_generation_args(ap) -> None:
-    """--max-new-tokens, sampling, --seed, --device and --dtype on an argparse parser."""
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose usage errors end like every other error: one `error: ...` line, exit status 1."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
 
 
-def generate_and_report(model, inputs: dict, a, n_visual: int) -> torch.Tensor:
+def cli_parser(m, description: str, example: str, frames: str | None, system: str | None) -> CLIParser:
+    """The options all five files share, with the same names, meanings and help text. `frames`: how this
+    model samples a video file by default ("8 frames", "2 frames per second"), None for an image-only model;
+    `system`: what the default system message is, None when the model has no chat template."""
+    ap = CLIParser(
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    presets = ", ".join(sorted(m.PRESETS))
+    ap.add_argument(
+        "--model",
+        default=m.DEFAULT,
+        help=f"Hub repo id (downloaded on first use to the Hugging Face cache, only the files needed), a "
+        f"preset ({presets}) or a local checkpoint directory (default: {m.DEFAULT})",
+    )
+    ap.add_argument(
+        "--image", action="append", default=[], help="image file, http(s) URL or data: URI (repeat)"
+    )
+    if frames is not None:
+        ap.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+        ap.add_argument(
+            "--num-frames", type=int, help=f"frames sampled uniformly per video (default: {frames})"
+        )
+        ap.add_argument(
+            "--fps", type=float, help="sample this many frames per second instead of --num-frames"
+        )
+    ap.add_argument("--prompt", required=True, help="the question or instruction")
+    if system is not None:
+        ap.add_argument("--system", help=f"system message (default: {system})")
+    ap.add_argument("--show-prompt", action="store_true", help="print the full prompt to stderr")
+    ap.add_argument("--explain", action="store_true", help="print each stage's tensor shape to stderr")
+    g = ap.add_argument_group("generation")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=256, help="at most this many new tokens (default: 256)"
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 samples (default: 0)")
+    g.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off (default)"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="sample within this probability mass (default: 1 = off)"
+    )
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)"
+    )
+    g.add_argument("--seed", type=int, help="random seed for sampling (default: none)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    g.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32"
+    )
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse larger images (default: {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    return ap
+
+
+def check_cli(a) -> GenerationSettings:
+    """Everything the command line can check before downloading or loading a checkpoint: sampling ranges,
+    frame counts, that local media files exist, the device. Returns the generation settings."""
+    global MAX_IMAGE_PIXELS
+    settings = GenerationSettings(
+        a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed
+    )
+    if a.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
+    MAX_IMAGE_PIXELS = a.max_image_pixels
+    for kind, sources in (("image", a.image), ("video", getattr(a, "video", []))):
+        for src in sources:
+            if not str(src).startswith(("http://", "https://", "data:")) and not os.path.isfile(src):
+                raise FileNotFoundError(f"{kind} file not found: {src}")
+    if hasattr(a, "num_frames"):
+        check_frames(a.num_frames, a.fps)
+    pick_device(a.device)
+    return settings
+
+
+def say(*lines: str) -> None:
+    """Notes for the person at the terminal: on stderr, so that stdout holds only the answer."""
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> torch.Tensor:
     """Generate with the command line's settings, stream the text to stdout, then print a one-line JSON
-    summary to stderr. The sampling settings are the command line's: generation_config.json gives only EOS."""
+    summary to stderr (with --explain, first the shape of every stage in `stages`). The sampling settings are
+    the command line's: generation_config.json gives only EOS."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     first: list[float] = []
@@ -545,31 +741,48 @@ def generate_and_report(model, inputs: dict, a, n_visual: int) -> torch.Tensor:
         first.append(first[0] if first else time.perf_counter())
         print(piece, end="", flush=True)
 
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer)
     t0 = time.perf_counter()
-    out = model.generate(
-        **inputs,
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        streamer=streamer,
-    )
+    with record_shapes(model, stages if a.explain else []) as rows:
+        out = model.generate(**inputs, **kw)
     t1 = time.perf_counter()
     print()
+    if a.explain:
+        explain(rows, inputs)  # the logits, the last of `stages`, end each step
     n, ttft = out.shape[1], (first[0] if first else t1) - t0
-    rate = (n - 1) / (t1 - t0 - ttft) if n > 1 and t1 - t0 > ttft else float("nan")
+    rate = round((n - 1) / (t1 - t0 - ttft), 2) if n > 1 and t1 - t0 > ttft else None
+    stopped = "eos" if n and int(out[0, -1]) in model.eos_token_ids else "max_new_tokens"
     summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
     summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
-    summary.update(ttft_s=round(ttft, 3), tokens_per_s=round(rate, 2))
+    summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=stopped)
     print(json.dumps(summary), file=sys.stderr)
     return out
 
 
+def explain(rows: list[dict], inputs: dict) -> None:
+    """The recorded stages on stderr, in call order: the prefill (up to its logits), then one decode step."""
+    say("explain: the path of this input through the model (legend: the model file's docstring)")
+    say(*(f"  input    {str(tuple(v.shape)):<18} {k}" for k, v in inputs.items()))
+    phase, last = "prefill", rows[-1]["module"] if rows else None  # the logits end every step
+    for r in rows:
+        into = f"  <- {', '.join(map(str, r['inputs']))}" if r["inputs"] else ""
+        say(f"  {phase:<8} {r['legend']:<14} = {str(r['shape']):<18} {r['stage']}{into}")
+        if r["module"] == last:
+            if phase == "decode":
+                break
+            phase = "decode"
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Runs a CLI's main(); a problem the user can fix ends with one `error: ...` line, not a traceback."""
+    """Runs a CLI's main(). A problem the user can fix ends with one `error: ...` line (exit status 1), Ctrl-C
+    with one line (exit status 130); warnings are one `warning: ...` line each. Never a traceback."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
+        sys.exit(1)

@@ -30,7 +30,6 @@ Paper: "LLaVA-OneVision: Easy Visual Task Transfer" (arXiv 2408.03326). Matches 
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -329,9 +328,10 @@ class Processor:
             out.append("<|im_start|>assistant\n")
         return "".join(out)
 
-    def load_video(self, path: str, num_frames: int = 8) -> common.Video:
-        """`num_frames` frames sampled uniformly (the model card uses 8; never every frame by accident)."""
-        return common.load_video(path, num_frames=num_frames)
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
+        """`num_frames` frames sampled uniformly (default 8, as the model card), or `fps` per second; never
+        every frame by accident."""
+        return common.load_video(path, num_frames=num_frames or (None if fps else 8), fps=fps)
 
     def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
         out = []
@@ -652,6 +652,7 @@ STAGES = [
     ("vision_tower.encoder.layers.0", "SigLIP layer 1 (within each tile)", "(n, N, Dv)"),
     ("multi_modal_projector", "2-layer MLP projector -> decoder width", "(n, N, D)"),
     ("language_model.embed_tokens", "token embeddings (packed features written over <image>)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
     ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
     ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
     ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
@@ -811,6 +812,12 @@ class LlavaOnevision(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        common.check_context(
+            int(attention_mask.sum(1).max()), max_new_tokens, self.cfg.text_config.max_position_embeddings
+        )
         x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
         tc = self.cfg.text_config
         S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
@@ -836,9 +843,6 @@ class LlavaOnevision(nn.Module):
             h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 
-        settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
-        )
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
@@ -891,35 +895,45 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[LlavaOne
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Chat with LLaVA-OneVision about images and videos.")
-    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
-    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
-    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--system", default=None, help="system message (default: none)")
-    ap.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly from each video")
-    common.add_generation_args(ap)
+    ap = common.cli_parser(
+        sys.modules[__name__],
+        "Chat with LLaVA-OneVision about images and videos (one image: anyres tiles; several: a tile each).",
+        "python llava_onevision.py --image examples/grace_hopper.jpg --prompt 'What is shown in this image?'",
+        frames="8",
+        system="none",
+    )
     a = ap.parse_args(argv)
+    common.check_cli(a)
 
     model, processor = load(a.model, a.device, a.dtype)
     images = [common.load_image(src) for src in a.image]
-    videos = []
-    for src in a.video:
-        v = processor.load_video(src, a.num_frames)
-        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
-        videos.append(v.frames)
+    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
         {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
     ]
-    inputs = processor(
-        text=processor.apply_chat_template(messages), images=images or None, videos=videos or None
-    )
-    n_visual = int(
-        (inputs["input_ids"] == processor.image_token_id).sum()
-        + (inputs["input_ids"] == processor.video_token_id).sum()
-    )
-    common.generate_and_report(model, inputs, a, n_visual=n_visual)
+    prompt = processor.apply_chat_template(messages)
+    inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
+    S = processor.image.size
+    for i, im in enumerate(images):
+        if len(images) == 1:
+            lay = anyres_layout(im.height, im.width, processor.image)
+            (r, c), n = lay["tiles"], lay["tokens"]
+            common.say(
+                f"image 1: {im.width}x{im.height} -> base {S}x{S} + {r}x{c} tiles of {S} -> {n} tokens"
+            )
+        else:
+            n = processor.image.grid**2 + 1
+            common.say(f"image {i + 1}: {im.width}x{im.height} -> one {S}x{S} tile -> {n} tokens")
+    per_frame = math.ceil(processor.video.grid / 2) ** 2
+    for i, v in enumerate(videos):
+        n = len(v.indices) * per_frame + 1
+        common.say(f"video {i + 1}: {common.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
+    if a.show_prompt:
+        common.say(prompt)
+    ids = inputs["input_ids"]
+    n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
+    common.generate_and_report(model, inputs, a, n_visual, STAGES)
 
 
 if __name__ == "__main__":

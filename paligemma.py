@@ -29,7 +29,6 @@ Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemm
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -627,6 +626,7 @@ STAGES = [
     ("vision_tower.post_layernorm", "final LayerNorm of the tower", "(n, N, Dv)"),
     ("multi_modal_projector", "linear projector -> decoder width", "(n, N, D)"),
     ("language_model.embed_tokens", "token embeddings (before the sqrt(D) scale)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), prefix-LM masks", "(B, T, D)"),
     ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
     ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads", "(B, T, Hkv*Dh)"),
     ("language_model.layers.0", "decoder layer 1 (prefix-LM attention + GeGLU)", "(B, T, D)"),
@@ -730,6 +730,12 @@ class PaliGemma(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        common.check_context(
+            int(attention_mask.sum(1).max()), max_new_tokens, self.cfg.text_config.max_position_embeddings
+        )
         x = self.embed(input_ids, pixel_values)
         tc = self.cfg.text_config
         S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
@@ -766,9 +772,6 @@ class PaliGemma(nn.Module):
             h = self.language_model(self.language_model.embed(token), n_real + i + 1, masks, caches, T + i)
             return self.logits(h[:, -1]).float()
 
-        settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
-        )
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
             first,
@@ -835,36 +838,39 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemm
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Ask PaliGemma about an image (prompts are task prefixes).")
-    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
-    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
-    ap.add_argument(
-        "--prompt",
-        required=True,
-        help="a task prefix: 'caption en', 'answer en <question>', 'detect cat', 'ocr'",
+    ap = common.cli_parser(
+        sys.modules[__name__],
+        "Ask PaliGemma about an image. The prompt is a task prefix: 'caption en', 'answer en <question>', "
+        "'detect cat ; dog', 'ocr'. PaliGemma has no chat template, so no --system.",
+        "python paligemma.py --image examples/grace_hopper.jpg --prompt 'caption en'",
+        frames=None,
+        system=None,
     )
     ap.add_argument(
-        "--system", default=None, help="not used: PaliGemma has no system prompt (an error if given)"
+        "--draw-boxes", metavar="OUT.png", help="draw the <loc> boxes of a detect answer, save here"
     )
-    ap.add_argument(
-        "--draw-boxes", default=None, metavar="OUT.png", help="draw detected <loc> boxes, save here"
-    )
-    common.add_generation_args(ap)
     a = ap.parse_args(argv)
-    if a.system:
-        raise ValueError("PaliGemma has no system prompt: put everything in --prompt (e.g. 'answer en ...')")
+    common.check_cli(a)
     if not a.image:
         raise ValueError("PaliGemma needs an image: pass --image PATH")
+
     model, processor = load(a.model, a.device, a.dtype)
     images = [common.load_image(src) for src in a.image]
     inputs = processor(text=a.prompt, images=[images])
+    S, n = processor.image.image_size, processor.image.image_seq_length
+    for i, im in enumerate(images):
+        common.say(
+            f"image {i + 1}: {im.width}x{im.height} -> {S}x{S} -> {S // 14}x{S // 14} patches -> {n} tokens"
+        )
+    if a.show_prompt:
+        common.say(processor.decode(inputs["input_ids"][0], skip_special_tokens=False))
     n_visual = int((inputs["input_ids"] == processor.image_token_id).sum())
-    out = common.generate_and_report(model, inputs, a, n_visual=n_visual)
+    out = common.generate_and_report(model, inputs, a, n_visual, STAGES)
     if a.draw_boxes:
         text = processor.decode(out[0], skip_special_tokens=False)
         boxes = parse_boxes(text, images[0].width, images[0].height)
         draw_boxes(images[0], boxes, a.draw_boxes)
-        print(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}", file=sys.stderr)
+        common.say(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}")
 
 
 if __name__ == "__main__":

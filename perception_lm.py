@@ -28,11 +28,10 @@ vision tower from timm 1.0.31 `models/eva.py` (the `vit_pe_core_*` entries).
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -325,9 +324,10 @@ class Processor:
             out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(out)
 
-    def load_video(self, path: str, num_frames: int = 16) -> common.Video:
-        """`num_frames` frames sampled uniformly (always explicit: never every frame by accident)."""
-        return common.load_video(path, num_frames=num_frames)
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
+        """`num_frames` frames sampled uniformly (default 16), or `fps` per second; never every frame by
+        accident."""
+        return common.load_video(path, num_frames=num_frames or (None if fps else 16), fps=fps)
 
     def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
         out = []
@@ -709,6 +709,7 @@ STAGES = [
     ("vision_tower.timm_model.blocks.0", "PE block 1 (2-D RoPE, within each tile)", "(n, 1+N, Dv)"),
     ("multi_modal_projector", "MLP projector, then 2x2 average pooling", "(n, N/4, D)"),
     ("language_model.embed_tokens", "token embeddings (features written over <|image|>)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
     ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
     ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
     ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
@@ -799,6 +800,12 @@ class PerceptionLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        common.check_context(
+            int(attention_mask.sum(1).max()), max_new_tokens, self.cfg.text_config.max_position_embeddings
+        )
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         tc = self.cfg.text_config
         S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
@@ -823,9 +830,6 @@ class PerceptionLM(nn.Module):
             h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 
-        settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
-        )
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
@@ -876,38 +880,43 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Percepti
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Chat with PerceptionLM about images and videos.")
-    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
-    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
-    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--system", default=None, help="system message (default: the PLM one)")
-    ap.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly from each video")
-    ap.add_argument("--max-num-tiles", type=int, default=None, help="fewer tiles per image: fewer tokens")
-    common.add_generation_args(ap)
+    ap = common.cli_parser(
+        sys.modules[__name__],
+        "Chat with PerceptionLM about images and videos.",
+        "python perception_lm.py --image examples/grace_hopper.jpg --prompt 'Describe it.' --max-num-tiles 9",
+        frames="16",
+        system="the PLM assistant message",
+    )
+    ap.add_argument("--max-num-tiles", type=int, help="at most this many tiles per image (default: 36)")
     a = ap.parse_args(argv)
+    common.check_cli(a)
+    if a.max_num_tiles is not None and a.max_num_tiles < 1:
+        raise ValueError(f"--max-num-tiles must be >= 1, got {a.max_num_tiles}")
 
     model, processor = load(a.model, a.device, a.dtype)
     if a.max_num_tiles is not None:
-        from dataclasses import replace
-
         processor.image = replace(processor.image, max_num_tiles=a.max_num_tiles)
     images = [common.load_image(src) for src in a.image]
-    videos = []
-    for src in a.video:
-        v = processor.load_video(src, a.num_frames)
-        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
-        videos.append(v.frames)
+    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
         {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
     ]
-    inputs = processor(
-        text=processor.apply_chat_template(messages), images=images or None, videos=videos or None
-    )
+    prompt = processor.apply_chat_template(messages)
+    inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
+    S, per_tile = processor.image.tile_size, model.tokens_per_tile()
+    for i, im in enumerate(images):
+        c, r = choose_tile_grid(im.width, im.height, S, processor.image.max_num_tiles)
+        n = (1 + c * r) * per_tile if processor.image.thumb_and_tiles else per_tile
+        common.say(f"image {i + 1}: {im.width}x{im.height} -> thumbnail + {c}x{r} tiles of {S} -> {n} tokens")
+    for i, v in enumerate(videos):
+        n = len(v.indices) * per_tile
+        common.say(f"video {i + 1}: {common.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
+    if a.show_prompt:
+        common.say(prompt)
     ids = inputs["input_ids"]
     n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
-    common.generate_and_report(model, inputs, a, n_visual=n_visual)
+    common.generate_and_report(model, inputs, a, n_visual, STAGES)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ except where noted (positions after a video: we follow the released model, see `
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -736,6 +735,7 @@ STAGES = [
     ("visual.blocks.0", "vision block 1 (2-D RoPE, attention within each image)", "(N, Dv)"),
     ("visual.merger", "2x2 merge + MLP -> decoder width", "(N/4, D)"),
     ("model.embed_tokens", "token embeddings (vision features written over the pads)", "(B, T, D)"),
+    ("model", "decoder stack <- embeddings, M-RoPE positions (3, B, T)", "(B, T, D)"),
     ("model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
     ("model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
     ("model.layers.0", "decoder layer 1 (M-RoPE attention + SwiGLU)", "(B, T, D)"),
@@ -835,10 +835,19 @@ class Qwen2VL(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
-        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
         pos3, delta = self.positions(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw
         )
+        # NOTE: M-RoPE positions grow slower than the token count; the limit applies to positions.
+        common.check_context(
+            int((attention_mask.sum(1) + delta).max()),
+            max_new_tokens,
+            self.cfg.text_config.max_position_embeddings,
+        )
+        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         tc = self.cfg.text_config
         S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
         caches = [
@@ -865,9 +874,6 @@ class Qwen2VL(nn.Module):
             h = self.model(self.model.embed_tokens(token), p, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 
-        settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
-        )
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
@@ -916,41 +922,47 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Chat with Qwen2-VL about images and videos.")
-    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
-    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
-    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--system", default=None, help=f"system message (default: {DEFAULT_SYSTEM!r})")
-    ap.add_argument("--min-pixels", type=int, default=None, help="lower bound on an image's resized area")
-    ap.add_argument("--max-pixels", type=int, default=None, help="upper bound (tokens = pixels / 784)")
-    ap.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
-    ap.add_argument("--fps", type=float, default=None, help="frames per second sampled (default 2)")
-    ap.add_argument("--show-prompt", action="store_true", help="print the rendered prompt to stderr")
-    common.add_generation_args(ap)
+    ap = common.cli_parser(
+        sys.modules[__name__],
+        "Chat with Qwen2-VL about images and videos.",
+        "python qwen2_vl.py --image examples/grace_hopper.jpg --prompt 'Describe this image.'",
+        frames="2 per second, at least 4, an even count",
+        system=repr(DEFAULT_SYSTEM),
+    )
+    ap.add_argument("--min-pixels", type=int, help="lower bound on each image's resized area (default: 3136)")
+    ap.add_argument(
+        "--max-pixels", type=int, help="upper bound; tokens = pixels / 784 (default: the checkpoint's)"
+    )
     a = ap.parse_args(argv)
+    common.check_cli(a)
+    bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
+    if any(v < 28 * 28 for v in bounds.values()) or bounds.get("min_pixels", 0) > bounds.get(
+        "max_pixels", 1e18
+    ):
+        raise ValueError("--min-pixels and --max-pixels must be >= 784 (one 28x28 token), min <= max")
 
     model, processor = load(a.model, a.device, a.dtype)
-    bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
     processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
     images = [common.load_image(src) for src in a.image]
-    videos = []
-    for src in a.video:
-        v = processor.load_video(src, a.num_frames, a.fps)
-        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
-        videos.append(v.frames)
+    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
         {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
     ]
     prompt = processor.apply_chat_template(messages)
+    inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
+    for i, (im, (_, h, w)) in enumerate(
+        zip(images, inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
+    ):
+        size = f"{im.width}x{im.height} -> {w * 14}x{h * 14}"
+        common.say(f"image {i + 1}: {size} -> {h}x{w} patches -> {h * w // 4} tokens")
+    for i, (v, (t, h, w)) in enumerate(zip(videos, inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())):
+        size = f"{common.describe(v)} -> {w * 14}x{h * 14}"
+        common.say(f"video {i + 1}: {size} -> grid {t}x{h}x{w} -> {t * h * w // 4} tokens")
     if a.show_prompt:
-        print(prompt, file=sys.stderr)
-    inputs = processor(text=prompt, images=images or None, videos=videos or None)
-    for key, what in (("image_grid_thw", "image"), ("video_grid_thw", "video")):
-        for i, g in enumerate(inputs.get(key, [])):
-            print(f"{what} {i + 1}: grid {g.tolist()} -> {int(g.prod()) // 4} tokens", file=sys.stderr)
-    common.generate_and_report(model, inputs, a, n_visual=int((inputs["mm_token_type_ids"] > 0).sum()))
+        common.say(prompt)
+    n_visual = int((inputs["mm_token_type_ids"] > 0).sum())
+    common.generate_and_report(model, inputs, a, n_visual, STAGES)
 
 
 if __name__ == "__main__":

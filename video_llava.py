@@ -24,7 +24,6 @@ Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before P
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import warnings
@@ -261,16 +260,14 @@ class Processor:
             out.append("ASSISTANT:")
         return "".join(out)
 
-    def load_video(self, path: str, num_frames: int = TRAINED_FRAMES) -> common.Video:
-        """`num_frames` frames at indices int(i * total / num_frames): a shorter video repeats frames (3
-        frames -> 0 0 0 1 1 1 2 2), as the reference sampling does."""
-        if num_frames != TRAINED_FRAMES:
-            warnings.warn(
-                f"Video-LLaVA was trained on {TRAINED_FRAMES} frames per video; {num_frames} were asked for",
-                stacklevel=2,
-            )
-        v = common.load_video(path, num_frames=num_frames)
-        if len(v.indices) < num_frames:  # the whole (short) video was decoded: repeat frames
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
+        """`num_frames` frames (default 8) at indices int(i * total / num_frames): a shorter video repeats
+        frames (3 frames -> 0 0 0 1 1 1 2 2), as the reference sampling does. Or `fps` frames per second.
+        Another count than 8 is warned about when the frames are preprocessed."""
+        if fps is None:
+            num_frames = num_frames or TRAINED_FRAMES
+        v = common.load_video(path, num_frames=num_frames, fps=fps)
+        if num_frames is not None and len(v.indices) < num_frames:  # a short video: repeat frames
             pick = [int(i * len(v.indices) / num_frames) for i in range(num_frames)]
             v = common.Video(
                 v.frames[pick],
@@ -594,6 +591,7 @@ STAGES = [
     ("video_tower.encoder.layers.0", "video tower layer 1 (within each frame)", "(n*F, 1+N, Dv)"),
     ("multi_modal_projector", "2-layer MLP projector (images: CLS dropped first)", "(n, N or 1+N, D)"),
     ("language_model.embed_tokens", "token embeddings (features written over <image>/<video>)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
     ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
     ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
     ("language_model.norm", "final RMSNorm", "(B, T, D)"),
@@ -694,6 +692,12 @@ class VideoLlava(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        settings = common.GenerationSettings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+        )
+        common.check_context(
+            int(attention_mask.sum(1).max()), max_new_tokens, self.cfg.text_config.max_position_embeddings
+        )
         x = self.embed(
             input_ids, pixel_values_images if pixel_values is None else pixel_values, pixel_values_videos
         )
@@ -721,9 +725,6 @@ class VideoLlava(nn.Module):
             h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
             return self.lm_head(h[:, -1]).float()
 
-        settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
-        )
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
             first,
@@ -781,33 +782,38 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLla
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Chat with Video-LLaVA about images and videos.")
-    ap.add_argument("--model", default=DEFAULT, help=f"Hub id, one of {sorted(PRESETS)}, or a directory")
-    ap.add_argument("--image", action="append", default=[], help="path, URL or data URI (repeatable)")
-    ap.add_argument("--video", action="append", default=[], help="video file (repeatable)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--system", default=None, help="a system message, put before USER: (default: none)")
-    ap.add_argument("--num-frames", type=int, default=TRAINED_FRAMES, help="frames per video (trained: 8)")
-    common.add_generation_args(ap)
+    ap = common.cli_parser(
+        sys.modules[__name__],
+        "Chat with Video-LLaVA about images and videos (trained on 8 frames per video).",
+        "python video_llava.py --video examples/pan.mp4 --prompt 'What happens in this video?'",
+        frames=f"{TRAINED_FRAMES}, the trained count",
+        system="none",
+    )
     a = ap.parse_args(argv)
+    common.check_cli(a)
 
     model, processor = load(a.model, a.device, a.dtype)
     images = [common.load_image(src) for src in a.image]
-    videos = []
-    for src in a.video:
-        v = processor.load_video(src, a.num_frames)
-        print(f"{src}: frames {v.indices} at {[round(s, 2) for s in v.timestamps]} s", file=sys.stderr)
-        videos.append(v.frames)
+    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
         {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
     ]
-    inputs = processor(
-        text=processor.apply_chat_template(messages), images=images or None, videos=videos or None
-    )
+    prompt = processor.apply_chat_template(messages)
+    inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
+    C, G = processor.image.crop, processor.image.crop // processor.patch
+    for i, im in enumerate(images):
+        common.say(
+            f"image {i + 1}: {im.width}x{im.height} -> centre {C}x{C} -> {G}x{G} patches -> {G * G} tokens"
+        )
+    for i, v in enumerate(videos):
+        n = len(v.indices) * (G * G + 1)
+        common.say(f"video {i + 1}: {common.describe(v)} -> {len(v.indices)} x (CLS + {G}x{G}) -> {n} tokens")
+    if a.show_prompt:
+        common.say(prompt)
     ids = inputs["input_ids"]
     n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
-    common.generate_and_report(model, inputs, a, n_visual=n_visual)
+    common.generate_and_report(model, inputs, a, n_visual, STAGES)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ def test_short_video_file_repeats_frames(ours, tmp_path):
     make_video.write_video(tmp_path / "three.mp4", VIDEO[:3])
     v = ours[1].load_video(str(tmp_path / "three.mp4"))
     assert v.indices == [0, 0, 0, 1, 1, 1, 2, 2] and v.frames.shape[0] == 8  # as the reference sampling
-    with pytest.warns(UserWarning, match="trained on 8 frames"):
-        ours[1].load_video(str(tmp_path / "three.mp4"), num_frames=4)
+    four = ours[1].load_video(str(tmp_path / "three.mp4"), num_frames=4)
+    with pytest.warns(UserWarning, match="a video of 4 frames: Video-LLaVA was trained on 8"):
+        ours[1].preprocess_videos([four.frames])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,297 @@
+"""The five command lines: one set of shared flags, and every bad input ends in one `error:` line.
+
+The bad-input matrix runs each file's `main` in this process through `common.run_main`, exactly as the
+`if __name__ == "__main__"` line does, so it is fast; a few tests run the real scripts."""
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from conftest import ROOT
+from PIL import Image
+
+import common
+
+sys.path.insert(0, str(ROOT / "examples"))
+import make_video  # noqa: E402
+
+FILES = ["qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm"]
+VIDEO_FILES = [f for f in FILES if f != "paligemma"]
+PROMPT = {"paligemma": "caption en"}  # the others take any prompt
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """file -> its tiny checkpoint directory (published layout)."""
+    root = tmp_path_factory.mktemp("cli")
+    return {f: getattr(tiny, f"build_{f}")(root)["hub"] for f in FILES}
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    Image.fromarray(tiny.synthetic_image(60, 80)).save(d / "photo.png")
+    make_video.write_video(d / "clip.mp4", tiny.synthetic_video(6, 64, 64))
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png" * 10)
+    (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 10)
+    return d
+
+
+def run(capsys, file, args):
+    """(exit status, stdout, stderr) of `python FILE.py ARGS`, run in this process."""
+    m = importlib.import_module(file)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: m.main([str(a) for a in args]))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def base(file, ckpt, media, image=True):
+    args = ["--model", ckpt[file], "--prompt", PROMPT.get(file, "Describe it."), "--device", "cpu"]
+    return args + (["--image", media / "photo.png"] if image else [])
+
+
+def assert_one_error_line(code, out, err, *needles):
+    assert code == 1, err
+    assert out == "", "stdout holds only the answer"
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err
+    for n in needles:
+        assert n in last, last
+
+
+BAD_EVERYWHERE = {
+    "missing image": (["--image", "nope.png"], "image file not found: nope.png"),
+    "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
+    "top-p 0": (["--top-p", "0"], "top_p must be in (0, 1]"),
+    "top-p above 1": (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    "negative top-k": (["--top-k", "-2"], "top_k must be >= 0"),
+    "repetition penalty 0": (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+    "max-new-tokens 0": (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    "max-new-tokens -5": (["--max-new-tokens", "-5"], "max_new_tokens must be >= 1"),
+    "device tpu": (["--device", "tpu"], "unknown device 'tpu'"),
+    "max-image-pixels 0": (["--max-image-pixels", "0"], "--max-image-pixels must be >= 1"),
+    "unknown flag": (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    "bad number": (["--top-k", "two"], "invalid int value: 'two'"),
+}
+if not torch.cuda.is_available():
+    BAD_EVERYWHERE["cuda without a GPU"] = (["--device", "cuda"], "torch sees no CUDA GPU")
+
+
+@pytest.mark.parametrize("case", BAD_EVERYWHERE, ids=str)
+@pytest.mark.parametrize("file", FILES)
+def test_bad_flag_values_stop_before_loading(file, case, ckpt, media, capsys, monkeypatch):
+    extra, needle = BAD_EVERYWHERE[case]
+    m = importlib.import_module(file)
+    monkeypatch.setattr(m, "load", lambda *a, **k: pytest.fail("loaded a checkpoint before checking"))
+    assert_one_error_line(*run(capsys, file, base(file, ckpt, media) + extra), needle)
+
+
+BAD_FRAMES = {
+    "num-frames 0": (["--num-frames", "0"], "a whole number >= 1, got 0"),
+    "num-frames -3": (["--num-frames", "-3"], "a whole number >= 1, got -3"),
+    "fps 0": (["--fps", "0"], "fps must be > 0"),
+    "both": (["--num-frames", "4", "--fps", "2"], "give --num-frames or --fps, not both"),
+    "missing video": (["--video", "nope.mp4"], "video file not found: nope.mp4"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FRAMES, ids=str)
+@pytest.mark.parametrize("file", VIDEO_FILES)
+def test_bad_video_settings_stop_before_loading(file, case, ckpt, media, capsys):
+    extra, needle = BAD_FRAMES[case]
+    video = [] if case == "missing video" else ["--video", media / "clip.mp4"]
+    code, out, err = run(capsys, file, base(file, ckpt, media, image=False) + video + extra)
+    assert_one_error_line(code, out, err, needle)
+
+
+def broken_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    shard = sorted(dst.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a download cut short
+    return dst
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_bad_files_after_loading(file, ckpt, media, capsys, tmp_path):
+    args = base(file, ckpt, media, image=False)
+    cases = [
+        (["--image", media / "corrupt.png"], "is not a readable image"),
+        (["--image", media / "photo.png", "--max-image-pixels", "100"], "more than the limit of 100"),
+        (["--image", media / "photo.png", "--max-new-tokens", "100000"], "max_position_embeddings"),
+        (["--image", media / "photo.png", "--model", tmp_path / "none"], "no such checkpoint directory"),
+        (
+            ["--image", media / "photo.png", "--model", broken_checkpoint(ckpt[file], tmp_path / "cut")],
+            "safetensors",
+        ),
+    ]
+    other = FILES[(FILES.index(file) + 1) % len(FILES)]
+    cases.append((["--image", media / "photo.png", "--model", ckpt[other]], f"use {other}.py"))
+    if file in VIDEO_FILES:
+        cases.append((["--video", media / "corrupt.mp4"], "is not a readable video"))
+    for extra, needle in cases:
+        assert_one_error_line(*run(capsys, file, args + extra), needle)
+
+
+def test_model_specific_values(ckpt, media, capsys):
+    cases = [
+        ("perception_lm", ["--max-num-tiles", "0"], "--max-num-tiles must be >= 1"),
+        ("qwen2_vl", ["--min-pixels", "10"], "must be >= 784"),
+        ("qwen2_vl", ["--min-pixels", "5000", "--max-pixels", "4000"], "min <= max"),
+        ("paligemma", ["--system", "be brief"], "unrecognized arguments: --system"),
+    ]
+    for file, extra, needle in cases:
+        assert_one_error_line(*run(capsys, file, base(file, ckpt, media) + extra), needle)
+    code, out, err = run(capsys, "paligemma", base("paligemma", ckpt, media, image=False))
+    assert_one_error_line(code, out, err, "PaliGemma needs an image")
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_ctrl_c_is_one_line_and_status_130(file, ckpt, media, capsys, monkeypatch):
+    m = importlib.import_module(file)
+    cls = type(m.load(ckpt[file], device="cpu")[0])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, "generate", interrupted)
+    code, out, err = run(capsys, file, base(file, ckpt, media))
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_answer_on_stdout_notes_and_valid_json_on_stderr(file, ckpt, media, capsys):
+    video = ["--video", media / "clip.mp4", "--num-frames", "8"] if file in VIDEO_FILES else []
+    args = base(file, ckpt, media) + video + ["--max-new-tokens", "1", "--dtype", "float16"]
+    code, out, err = run(capsys, file, args)
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    summary = json.loads(lines[-1])  # one token: no rate, and still valid JSON
+    assert summary["new_tokens"] == 1 and summary["tokens_per_s"] is None
+    assert summary["stopped"] in ("eos", "max_new_tokens")
+    assert any(line.startswith("warning: float16") for line in lines)
+    assert any(line.startswith("image 1: 80x60 -> ") and line.endswith(" tokens") for line in lines)
+    if video:  # Video-LLaVA repeats frames of a short video up to its 8
+        assert any(line.startswith("video 1: ") and " of 6 frames" in line for line in lines)
+    assert out.endswith("\n") and not any(w in out for w in ("warning", "note:", "image 1", '{"model"'))
+
+
+@pytest.mark.parametrize("file", VIDEO_FILES)
+def test_short_video_notice(file, ckpt, media, capsys):
+    args = base(file, ckpt, media, image=False) + ["--video", media / "clip.mp4", "--num-frames", "12"]
+    code, out, err = run(capsys, file, args + ["--max-new-tokens", "2"])
+    assert code == 0, err
+    assert "the video has 6 frames; using all 6 instead of 12" in err
+
+
+def help_of(file):
+    run = subprocess.run([sys.executable, str(ROOT / f"{file}.py"), "--help"], capture_output=True, text=True)
+    assert run.returncode == 0
+    return run.stdout
+
+
+def flag_lines(text):
+    """flag -> its help text, from argparse's --help (defaults and checkpoints differ per file: cut)."""
+    out, flag = {}, None
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("--"):
+            flag = parts[0].rstrip(",")
+            out[flag] = " ".join(parts[1:])
+        elif flag and line.startswith(" " * 10):
+            out[flag] += " " + " ".join(parts)
+        else:
+            flag = None
+    return out
+
+
+def test_help_agrees_on_the_shared_flags():
+    helps = {f: help_of(f) for f in FILES}
+    flags = {f: flag_lines(h) for f, h in helps.items()}
+    shared = [
+        "--image",
+        "--prompt",
+        "--show-prompt",
+        "--explain",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+    ]
+    shared += ["--top-p", "--repetition-penalty", "--seed", "--device", "--dtype", "--max-image-pixels"]
+    for flag in shared:
+        assert len({flags[f][flag] for f in FILES}) == 1, flag
+    for flag in ("--video", "--fps"):
+        assert len({flags[f][flag] for f in VIDEO_FILES}) == 1 and flag not in flags["paligemma"]
+    assert "--system" in flags["qwen2_vl"] and "--system" not in flags["paligemma"]
+    for f, h in helps.items():
+        m = importlib.import_module(f)
+        assert m.DEFAULT in h and "downloaded on first use" in h and f"example:\n  python {f}.py" in h
+
+
+def test_explain_one_image_and_one_video(ckpt, media, capsys):
+    args = base("qwen2_vl", ckpt, media) + [
+        "--video",
+        media / "clip.mp4",
+        "--max-new-tokens",
+        "3",
+        "--explain",
+    ]
+    code, out, err = run(capsys, "qwen2_vl", args)
+    assert code == 0, err
+    lines = err.splitlines()
+    start = lines.index(
+        "explain: the path of this input through the model (legend: the model file's docstring)"
+    )
+
+    def rows(phase, stage):
+        return [line.split() for line in lines[start:] if line.startswith(f"  {phase} ") and stage in line]
+
+    assert rows("input", "pixel_values") and rows("input", "pixel_values_videos")
+    merges = rows("prefill", "2x2 merge + MLP")
+    assert len(merges) == 2, "the image, then the video, through the tower"
+    image_tokens = int(next(line for line in lines if line.startswith("image 1:")).split()[-2])
+    assert merges[0][1:5] == ["(N/4,", "D)", "=", f"({image_tokens},"]
+    (decoder,) = rows("decode", "decoder stack <- embeddings, M-RoPE positions")
+    assert decoder[-3:] == ["(3,", "1,", "1)"], "one decoded token's 3 positions"
+    assert rows("decode", "logits") and not rows("decode", "patch embedding"), "decoding skips the tower"
+    assert "explain" not in out
+
+
+def test_sampling_ranges_in_the_python_api(ckpt):
+    import qwen2_vl
+
+    model, proc = qwen2_vl.load(ckpt["qwen2_vl"], device="cpu")
+    inputs = proc(text="hello")
+    for kw, needle in (
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=float("nan")), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(top_k=2.5), "top_k must be >= 0"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty must be > 0"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=10**6), "max_position_embeddings (4096)"),
+    ):
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            model.generate(**inputs, **kw)
+    with pytest.raises(ValueError, match="a whole number >= 1"):
+        common.load_video("x.mp4", num_frames=0)
+
+
+def test_high_bit_depth_images_stay_gray(tmp_path):
+    ramp = (np.linspace(0, 65535, 64 * 32).reshape(32, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    rgb = np.asarray(common.load_image(tmp_path / "ramp16.png"))
+    expected = np.rint(ramp / 257.0)  # 65535 -> 255: a grey ramp stays a grey ramp
+    assert rgb.shape == (32, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all()
+    assert np.abs(rgb[..., 0] - expected).max() <= 1 and rgb.min() == 0 and rgb.max() == 255
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "ramp.tiff")
+    assert np.abs(np.asarray(common.load_image(tmp_path / "ramp.tiff"))[..., 0] - expected).max() <= 1
