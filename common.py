@@ -435,7 +435,7 @@ def _read_url(url: str) -> bytes:
     deadline, chunks, size = time.monotonic() + URL_DEADLINE_S, [], 0
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as r:
-            while chunk := r.read(1 << 16):
+            while chunk := r.read1(1 << 16):  # what has arrived: a slow server cannot stall us
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > MAX_DOWNLOAD_BYTES or time.monotonic() > deadline:
@@ -504,7 +504,9 @@ def load_image(src: str | Path | Image.Image | np.ndarray) -> Image.Image:
                     "it, or raise the limit with --max-image-pixels N (common.MAX_IMAGE_PIXELS in Python)"
                 )
             image.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{name} is not a readable image (not a format Pillow knows, or damaged)") from e
+    except OSError as e:
         raise ValueError(f"{name} is not a readable image ({e})") from e
     return to_rgb(ImageOps.exif_transpose(image))
 

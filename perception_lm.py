@@ -182,6 +182,10 @@ class VisionInputConfig:
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
+    def __post_init__(self):
+        if self.max_num_tiles < 1:
+            raise ValueError(f"max_num_tiles must be >= 1, got {self.max_num_tiles}")
+
     @staticmethod
     def from_hf(d: dict) -> VisionInputConfig:
         if d.get("resample", 3) != 3:

@@ -159,6 +159,13 @@ class VisionInputConfig:
     max_frames: int = 768
     fps: float = 2.0  # videos read from a file are sampled at this rate unless told otherwise
 
+    def __post_init__(self):
+        low = (self.patch_size * self.merge_size) ** 2  # one merged token
+        if not low <= self.min_pixels <= self.max_pixels:
+            raise ValueError(
+                f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}: need {low} <= min <= max"
+            )
+
     @staticmethod
     def from_hf(d: dict, min_pixels: int, max_pixels: int) -> VisionInputConfig:
         """`min_pixels`/`max_pixels` (published files) win over `size` (transformers 5), as in

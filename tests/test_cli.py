@@ -295,3 +295,15 @@ def test_high_bit_depth_images_stay_gray(tmp_path):
     assert np.abs(rgb[..., 0] - expected).max() <= 1 and rgb.min() == 0 and rgb.max() == 255
     Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "ramp.tiff")
     assert np.abs(np.asarray(common.load_image(tmp_path / "ramp.tiff"))[..., 0] - expected).max() <= 1
+
+
+def test_preprocessing_ranges_in_the_python_api():
+    import perception_lm
+    import qwen2_vl
+
+    with pytest.raises(ValueError, match="need 784 <= min <= max"):
+        qwen2_vl.VisionInputConfig(min_pixels=100, max_pixels=10**6)
+    with pytest.raises(ValueError, match="need 784 <= min <= max"):
+        qwen2_vl.VisionInputConfig(min_pixels=5000, max_pixels=4000)
+    with pytest.raises(ValueError, match="max_num_tiles must be >= 1"):
+        perception_lm.VisionInputConfig(max_num_tiles=0)

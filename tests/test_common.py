@@ -3,6 +3,7 @@
 import base64
 import io
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,33 @@ def test_record_shapes_hooks_named_stages_and_removes_them():
     with pytest.raises(AttributeError):
         with common.record_shapes(model, [("9", "no such module", "")]):
             pass
+
+
+def test_url_downloads_have_a_total_deadline(monkeypatch):
+    """A server that dribbles bytes never trips the per-read timeout; the total deadline stops it."""
+    import http.server
+    import threading
+
+    class Dribble(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(40):
+                    self.wfile.write(b"x" * 10)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Dribble)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(common, "URL_DEADLINE_S", 0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="took more than 0.3 s"):
+        common.load_image(f"http://127.0.0.1:{server.server_port}/slow.png")
+    assert time.perf_counter() - t0 < 1.5
+    server.shutdown()
