@@ -343,6 +343,7 @@ class Processor:
     def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
         """Frames sampled explicitly (never every frame by accident): `num_frames` (rounded to even), or `fps`
         frames per second (default 2) clamped to [min_frames, max_frames] and to an even count."""
+        common.check_frames(num_frames, fps)
         Tp = self.video.temporal_patch_size
         if num_frames is not None:
             return common.load_video(path, num_frames=max(Tp, round(num_frames / Tp) * Tp))

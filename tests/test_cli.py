@@ -284,6 +284,9 @@ def test_sampling_ranges_in_the_python_api(ckpt):
             model.generate(**inputs, **kw)
     with pytest.raises(ValueError, match="a whole number >= 1"):
         common.load_video("x.mp4", num_frames=0)
+    for bad in (dict(num_frames=0), dict(fps=0.0), dict(num_frames=4, fps=2.0)):
+        with pytest.raises(ValueError, match="frames|fps"):
+            proc.load_video("x.mp4", **bad)
 
 
 def test_high_bit_depth_images_stay_gray(tmp_path):
