@@ -318,6 +318,9 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+last_generation = {"first_step_s": None}  # how long generate_loop's first decode step took (a compile)
+
+
 @dataclass
 class GenerationSettings:
     """Sampling settings, checked when made: a value out of range is an error, never a silently odd answer."""
@@ -391,6 +394,7 @@ def generate_loop(
     push = tokenizer.stream() if streamer is not None else None
     streamed, printed = [], []  # tokens pushed to the streamer, and the text it received
     logits, n = first_logits, 0
+    last_generation["first_step_s"] = None
     for i in range(s.max_new_tokens):
         token = sample(logits, seen, s.temperature, s.top_k, s.top_p, s.repetition_penalty, generator)
         token = torch.where(finished, pad_token_id, token)  # (B,)
@@ -410,7 +414,10 @@ def generate_loop(
         elif i % 8 == 7 and bool(finished.all()):
             break
         if i + 1 < s.max_new_tokens:
+            t0 = time.perf_counter() if i == 0 else 0.0
             logits = step(token[:, None], i)
+            if i == 0:
+                last_generation["first_step_s"] = time.perf_counter() - t0
     if push is not None:  # bytes held back for an unfinished UTF-8 character: flush them as decode() would
         full, shown = tokenizer.decode(streamed), "".join(printed)
         if full.startswith(shown) and len(full) > len(shown):
@@ -419,6 +426,15 @@ def generate_loop(
     # Trim the columns produced after every row had already finished (the all-finished check is lazy).
     done_at = torch.where(torch.isin(out, eos), torch.arange(n, device=device), n).min(dim=1).values
     return out[:, : int(done_at.max()) + 1] if len(eos_token_ids) and bool((done_at < n).all()) else out
+
+
+def compiled_decode_step(model: torch.nn.Module):
+    """`torch.compile` of `model.decode_step`, made once per model: with CUDA graphs on CUDA
+    ("reduce-overhead"), plain inductor on the CPU. The eager decode_step stays the code a reader reads."""
+    if "_compiled_decode_step" not in model.__dict__:
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        model.__dict__["_compiled_decode_step"] = torch.compile(model.decode_step, mode=mode)
+    return model.__dict__["_compiled_decode_step"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -692,6 +708,11 @@ def cli_parser(m, description: str, example: str, frames: str | None, system: st
         "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)"
     )
     g.add_argument("--seed", type=int, help="random seed for sampling (default: none)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs on CUDA): a slow first step",
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     g.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32"
@@ -744,7 +765,7 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
         print(piece, end="", flush=True)
 
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer)
+    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer, compile=a.compile)
     t0 = time.perf_counter()
     with record_shapes(model, stages if a.explain else []) as rows:
         out = model.generate(**inputs, **kw)
@@ -758,6 +779,8 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
     summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
     summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
     summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=stopped)
+    if a.compile:  # the first decode step compiles
+        summary["compile_s"] = round(last_generation["first_step_s"] or 0.0, 2)
     print(json.dumps(summary), file=sys.stderr)
     return out
 

@@ -552,11 +552,18 @@ class KVCache(nn.Module):
         self.k = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
         self.v = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.shape[2]
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # only the filled slots are read
+    def update(self, slot, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: `slot` is an int and the T new keys fill slots slot .. slot+T-1; only the filled slots
+        are returned. Decode: `slot` is a (1,) tensor, one key is written there and the whole buffer is
+        returned, so every step has the same shapes (the mask hides the slots not filled yet)."""
+        if isinstance(slot, int):
+            T = k.shape[2]
+            self.k[:, :, slot : slot + T] = k
+            self.v[:, :, slot : slot + T] = v
+            return self.k[:, :, : slot + T], self.v[:, :, : slot + T]
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v  # (B, Hkv, S_max, Dh)
 
 
 class Attention(nn.Module):
@@ -569,7 +576,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * self.Dh, bias=True)
         self.o_proj = nn.Linear(H * self.Dh, D, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, pos: int = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slot=0):
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -577,7 +584,7 @@ class Attention(nn.Module):
         c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
         q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+            k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -601,8 +608,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+    def forward(self, x, cos, sin, mask, cache=None, slot=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -614,11 +621,11 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, pos, mask, caches: list[KVCache] | None = None, cache_pos: int = 0) -> torch.Tensor:
+    def forward(self, x, pos, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
         cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_pos)
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i], slot)
         return self.norm(x)
 
 
@@ -787,6 +794,16 @@ class LlavaOnevision(nn.Module):
         h = self.language_model(x, pos, causal_padding_mask(attention_mask.bool(), input_ids.shape[1]))
         return self.lm_head(h)
 
+    def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
+        """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
+        cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
+        It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
+        generate(compile=True); nothing in it waits for the host."""
+        s = torch.arange(keep.shape[1], device=keep.device)
+        mask = (keep & (s <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
+        h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
+        return self.lm_head(h[:, -1]).float()
+
     @torch.inference_mode()
     def generate(
         self,
@@ -805,6 +822,7 @@ class LlavaOnevision(nn.Module):
         seed: int | None = None,
         eos_token_ids: list[int] | None = None,
         streamer=None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
         B, T = input_ids.shape
@@ -828,7 +846,6 @@ class LlavaOnevision(nn.Module):
         ]
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
         keep[:, :T] = attention_mask.bool()
-        unpadded = bool(attention_mask.all())  # then no step needs a mask
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         h = self.language_model(x, pos, causal_padding_mask(keep[:, :T], T), caches, 0)
         first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
@@ -837,11 +854,11 @@ class LlavaOnevision(nn.Module):
                 "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
             )
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
+        next_slot = torch.full((1,), T, device=x.device)
+        decode_step = common.compiled_decode_step(self) if compile else self.decode_step
 
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:
-            mask = None if unpadded else keep[:, None, None, : T + i + 1]  # (B, 1, 1, S)
-            h = self.language_model(self.language_model.embed_tokens(token), n_real + i, mask, caches, T + i)
-            return self.lm_head(h[:, -1]).float()
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
+            return decode_step(token, n_real + i, next_slot + i, keep, caches)
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(

@@ -498,11 +498,18 @@ class KVCache(nn.Module):
         self.k = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
         self.v = torch.zeros(B, Hkv, S_max, Dh, device=device, dtype=dtype)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.shape[2]
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # only the filled slots are read
+    def update(self, slot, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: `slot` is an int and the T new keys fill slots slot .. slot+T-1; only the filled slots
+        are returned. Decode: `slot` is a (1,) tensor, one key is written there and the whole buffer is
+        returned, so every step has the same shapes (the mask hides the slots not filled yet)."""
+        if isinstance(slot, int):
+            T = k.shape[2]
+            self.k[:, :, slot : slot + T] = k
+            self.v[:, :, slot : slot + T] = v
+            return self.k[:, :, : slot + T], self.v[:, :, : slot + T]
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v  # (B, Hkv, S_max, Dh)
 
 
 class Attention(nn.Module):
@@ -518,7 +525,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping  # Gemma2 only
         self.sliding = bool(cfg.layer_types) and cfg.layer_types[layer_idx] == "sliding_attention"
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, pos: int = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slot=0):
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -526,7 +533,7 @@ class Attention(nn.Module):
         c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
         q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+            k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
@@ -555,9 +562,9 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps)
             self.post_feedforward_layernorm = RMSNorm(D, eps)
 
-    def forward(self, x, cos, sin, masks, cache=None, pos=0):
+    def forward(self, x, cos, sin, masks, cache=None, slot=0):
         mask = masks["sliding" if self.self_attn.sliding else "full"]
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
         if self.gemma2:  # norm the attention output, then add; the same around the MLP
             x = x + self.post_attention_layernorm(a)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -580,11 +587,11 @@ class GemmaModel(nn.Module):
             self.cfg.hidden_size**0.5, dtype=w.dtype, device=w.device
         )
 
-    def forward(self, x, pos, masks, caches: list[KVCache] | None = None, cache_pos: int = 0) -> torch.Tensor:
+    def forward(self, x, pos, masks, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T), masks {"full", "sliding"} of (B, 1, T, S) -> (B, T, D)"""
         cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks, None if caches is None else caches[i], cache_pos)
+            x = layer(x, cos, sin, masks, None if caches is None else caches[i], slot)
         return self.norm(x)
 
 
@@ -702,6 +709,20 @@ class PaliGemma(nn.Module):
         )
         return loss, logits
 
+    def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
+        """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
+        cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
+        It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
+        generate(compile=True); nothing in it waits for the host."""
+        s = torch.arange(keep.shape[1], device=keep.device)
+        full = keep & (s <= slot)  # a generated token is outside the prefix block: causal, padding hidden
+        sliding, tc = full, self.cfg.text_config
+        if tc.sliding_window is not None and "sliding_attention" in tc.layer_types:
+            sliding = full & (s > slot - tc.sliding_window)  # Gemma2's sliding layers: the last `window` keys
+        masks = {"full": full[:, None, None], "sliding": sliding[:, None, None]}  # (B, 1, 1, S_max) each
+        h = self.language_model(self.language_model.embed(token), pos, masks, caches, slot)
+        return self.logits(h[:, -1]).float()
+
     @torch.inference_mode()
     def generate(
         self,
@@ -719,6 +740,7 @@ class PaliGemma(nn.Module):
         seed: int | None = None,
         eos_token_ids: list[int] | None = None,
         streamer=None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (image + prompt, prefix-LM mask) into a static cache, then one
         causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
@@ -749,7 +771,6 @@ class PaliGemma(nn.Module):
         prefix[:, :T] = token_type_ids == 0
         pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
         unpadded = bool(attention_mask.all())
-        window = tc.sliding_window if "sliding_attention" in tc.layer_types else None
         no_masks = {"full": None, "sliding": None}
         if unpadded and bool(prefix[:, :T].all()):  # a prompt with no suffix: every token sees every other
             masks = no_masks
@@ -762,15 +783,11 @@ class PaliGemma(nn.Module):
                 "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
             )
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
+        next_slot = torch.full((1,), T, device=x.device)
+        decode_step = common.compiled_decode_step(self) if compile else self.decode_step
 
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:
-            S = T + i + 1
-            if unpadded and (window is None or S <= window):  # the new token sees every filled slot
-                masks = no_masks
-            else:
-                masks = self.masks(keep[:, :S], prefix[:, :S], 1, T + i)
-            h = self.language_model(self.language_model.embed(token), n_real + i + 1, masks, caches, T + i)
-            return self.logits(h[:, -1]).float()
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
+            return decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # NOTE: 1-based positions
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(

@@ -1,0 +1,172 @@
+"""Static-shape decoding: compiled generation gives the eager tokens (one model of each decoder kind), and
+bfloat16 runs on the CPU for every file. The same on CUDA is in the `gpu` tests (skipped without a GPU)."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import tiny
+import torch
+from conftest import ROOT
+
+FILES = ["qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm"]
+KINDS = {  # decoder kind -> (model file, builder options)
+    "qwen2-mrope": ("qwen2_vl", {}),
+    "gemma": ("paligemma", {"version": 1}),
+    "gemma2-window": ("paligemma", {"version": 2}),  # its sliding window (8) is shorter than the prompts
+    "llama2": ("video_llava", {}),
+    "llama3": ("perception_lm", {}),
+}
+PLACEHOLDER = {"qwen2_vl": "<|image_pad|>", "perception_lm": "<|image|>"}  # the others: <image>
+BF16_TOLERANCE = 0.05  # max |bf16 - fp32| logit, as a share of the largest fp32 logit (measured: <= 0.03)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    cache = {}
+
+    def get(file, **options):
+        key = (file, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = getattr(tiny, f"build_{file}")(root / f"{file}{len(cache)}", **options)["hub"]
+        return cache[key]
+
+    return get
+
+
+def prompts(file) -> list[str]:
+    """Two prompts of different lengths, each with one image placeholder (PaliGemma: task prefixes)."""
+    if file == "paligemma":
+        return ["caption en", "answer en what is in the picture today"]
+    tok = PLACEHOLDER.get(file, "<image>")
+    return [f"{tok} hi", f"{tok} a much longer prompt than the first"]
+
+
+def two_rows(file, proc):
+    """A left-padded batch of the 2 prompts, each with an image."""
+    image = tiny.synthetic_image(60, 80)
+    return proc(text=prompts(file), images=[image, image])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_generation_equals_eager(kind, built):
+    file, options = KINDS[kind]
+    m = importlib.import_module(file)
+    model, proc = m.load(built(file, **options), device="cpu")
+    inputs = two_rows(file, proc)
+    assert not bool(inputs["attention_mask"].all()), "the batch must be padded"
+    eager = model.generate(**inputs, max_new_tokens=20, eos_token_ids=[])
+    compiled = model.generate(**inputs, max_new_tokens=20, eos_token_ids=[], compile=True)
+    assert torch.equal(eager, compiled)
+    again = model.generate(**inputs, max_new_tokens=20, eos_token_ids=[], compile=True)  # reuses the compile
+    assert torch.equal(eager, again)
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_bfloat16_on_cpu(file, built):
+    m = importlib.import_module(file)
+    f32, proc = m.load(built(file), device="cpu")
+    b16, _ = m.load(built(file), device="cpu", dtype="bfloat16")
+    assert next(b16.parameters()).dtype == torch.bfloat16
+    inputs = two_rows(file, proc)
+    with torch.no_grad():
+        ref, got = f32(**inputs), b16(**inputs).float()
+    assert (got - ref).abs().max() <= BF16_TOLERANCE * ref.abs().max()
+    out = b16.generate(**inputs, max_new_tokens=8, eos_token_ids=[])
+    assert out.shape == (2, 8)
+
+
+def test_decode_step_has_static_shapes(built):
+    """Every decode step attends over the whole cache: the shapes recorded in the attention never grow."""
+    import qwen2_vl
+
+    model, proc = qwen2_vl.load(built("qwen2_vl"), device="cpu")
+    seen = []
+    attn = model.model.layers[0].self_attn
+    hook = attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    cache_shapes = []
+    real_update = qwen2_vl.KVCache.update
+
+    def update(self, slot, k, v):
+        out = real_update(self, slot, k, v)
+        cache_shapes.append(tuple(out[0].shape))
+        return out
+
+    try:
+        qwen2_vl.KVCache.update = update
+        model.generate(**proc(text="hello there"), max_new_tokens=6, eos_token_ids=[])
+    finally:
+        qwen2_vl.KVCache.update = real_update
+        hook.remove()
+    layer0 = cache_shapes[:: model.cfg.text_config.num_hidden_layers]
+    assert len(set(layer0[1:])) == 1, f"decode steps read caches of shapes {layer0[1:]}"
+    assert len(set(seen[1:])) == 1
+
+
+def test_cli_compile_reports_the_compile_time(built, tmp_path, capsys):
+    import common
+    import qwen2_vl
+
+    args = ["--model", built("qwen2_vl"), "--prompt", "hello", "--device", "cpu", "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: qwen2_vl.main([str(a) for a in [*args, "--compile"]]))
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    assert e.value.code == 0, err
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["compile_s"] > 0 and summary["new_tokens"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On a CUDA GPU (bfloat16, the default there)
+
+CUDA_GREEDY_STEPS = 4  # bf16 rounding may change a near-tie after a few tokens of a random tiny model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("file", FILES)
+def test_cuda_bfloat16_against_cpu_float32(file, built):
+    m = importlib.import_module(file)
+    f32, proc = m.load(built(file), device="cpu")
+    gpu, _ = m.load(built(file), device="cuda")
+    assert next(gpu.parameters()).dtype == torch.bfloat16
+    inputs = two_rows(file, proc)
+    on_gpu = {k: v.cuda() for k, v in inputs.items()}
+    with torch.no_grad():
+        ref, got = f32(**inputs), gpu(**on_gpu).float().cpu()
+    assert (got - ref).abs().max() <= BF16_TOLERANCE * ref.abs().max()
+    want = f32.generate(**inputs, max_new_tokens=CUDA_GREEDY_STEPS, eos_token_ids=[])
+    eager = gpu.generate(**on_gpu, max_new_tokens=16, eos_token_ids=[])
+    assert torch.equal(eager[:, :CUDA_GREEDY_STEPS].cpu(), want)
+    for b, text in enumerate(prompts(file)):  # batch = one by one
+        alone = proc(text=[text], images=[tiny.synthetic_image(60, 80)])
+        alone = gpu.generate(**{k: v.cuda() for k, v in alone.items()}, max_new_tokens=16, eos_token_ids=[])
+        assert torch.equal(alone[:, :CUDA_GREEDY_STEPS], eager[b : b + 1, :CUDA_GREEDY_STEPS])
+    compiled = gpu.generate(**on_gpu, max_new_tokens=16, eos_token_ids=[], compile=True)
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("file", FILES)
+def test_cli_on_cuda(file, built, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(tiny.synthetic_image(60, 80)).save(tmp_path / "photo.png")
+    prompt = "caption en" if file == "paligemma" else "Describe it."
+    cmd = [
+        sys.executable,
+        str(ROOT / f"{file}.py"),
+        "--model",
+        str(built(file)),
+        "--image",
+        str(tmp_path / "photo.png"),
+    ]
+    cmd += ["--prompt", prompt, "--device", "cuda", "--max-new-tokens", "8", "--compile"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stderr.strip().splitlines()[-1])
+    assert summary["device"].startswith("cuda") and summary["dtype"] == "torch.bfloat16"
+    assert summary["compile_s"] is not None
