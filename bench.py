@@ -3,6 +3,7 @@
     python bench.py --model qwen2_vl --size small --device cpu
     python bench.py --model paligemma2 --size tiny --device cuda --dtype bfloat16
     python bench.py --model qwen2_vl --size real-config --device cuda      # Qwen2-VL-2B's shapes, bf16
+    python bench.py --model qwen2_vl --size real-config --device cuda --compile
 
 --model: qwen2_vl, paligemma (PaliGemma 1), paligemma2, llava_onevision, video_llava or perception_lm.
 
@@ -15,7 +16,11 @@ token), decode tokens/s at batch 1 and at --batch rows (default 8; EOS disabled:
 and the working memory of a batch-1 generation (its peak minus what was in use before it: CUDA allocator
 statistics, or the process's peak resident set on Linux CPUs); then ours/transformers (above 1 is better
 for tokens/s, below 1 for times and memory).
-Median of --repeats runs after one warm-up, the two implementations interleaved.
+Median of --repeats runs after one warm-up, the two implementations interleaved. --compile compares ours with
+generate(compile=True) against transformers with its static cache and compiled forward; the warm-up (which
+compiles) is timed and printed separately. Last, the decode roofline: the bytes a batch-1 step reads (decoder
+weights and KV cache) over the bandwidth a GEMV of that size reaches on this device, and the share of it each
+implementation's tokens/s reaches.
 Protocol: ../shared/reference/benchmark-protocol.md. Needs requirements-dev.txt (transformers).
 """
 
@@ -178,6 +183,9 @@ def load_pair(module, hf_class, ckpt, device, dtype, impl="sdpa"):
     return ours, proc, ref, AutoProcessor.from_pretrained(ckpt)
 
 
+BENCHED = {}  # the model and prompt length the runs time, for the roofline
+
+
 def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, vision):
     """The timed calls of one model on one prompt: `media` is the processor keyword and its one item (e.g.
     {"images": img}), `vision` the (ours, transformers) vision encoders as functions of the inputs.
@@ -209,13 +217,20 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
     common.sample = lambda *args, **kw: mark_first() or real_sample(*args, **kw)
 
     def hf(data, n):
-        cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        extra = {}
+        if a.compile:  # transformers' fast path: a static cache and its compiled forward (on any device)
+            from transformers.generation.configuration_utils import CompileConfig
+
+            compile_config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+            compile_config._compile_all_devices = True
+            extra = dict(cache_implementation="static", compile_config=compile_config)
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **extra)
         return ref.generate(
             **data, generation_config=cfg, logits_processor=LogitsProcessorList([MarkFirst()])
         )
 
     def mine(data, n):
-        return ours.generate(**data, max_new_tokens=n, eos_token_ids=[])
+        return ours.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=a.compile)
 
     def decode_s(generate, data):
         def run() -> float:
@@ -235,6 +250,7 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
         }
 
     ids = inputs["input_ids"]
+    BENCHED.update(model=ours, prompt_tokens=ids.shape[1])
     n_visual = sum(int((ids == getattr(proc, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
     print(
         f"{a.model} {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
@@ -380,6 +396,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--compile", action="store_true", help="ours compiled vs transformers static + compile")
     a = ap.parse_args()
     if a.batch < 2 or a.new_tokens < 2:
         ap.error("--batch and --new-tokens must be at least 2 (batch 1 is always measured)")
@@ -393,10 +410,10 @@ def main():
     dtype = common.pick_dtype(a.dtype, device)
     runs = BENCHES[a.model](a, device, dtype)
     results = {name: {} for name in runs}
+    warmup = {}
     with torch.inference_mode():
-        for name in runs:  # warm-up
-            for fn in runs[name].values():
-                fn()
+        for name in runs:  # warm-up (with --compile: the compiles)
+            warmup[name] = sum(timed(fn, device)[0] for fn in runs[name].values())
         for key in runs["ours"]:  # interleaved: ours, transformers, ours, ...
             for name in runs:
                 fn = runs[name][key]
@@ -420,6 +437,62 @@ def main():
         for k in keys
     }
     print(f"{'ours/transformers':18}" + "".join(f"{ratio[k]:18.2f}" for k in keys))
+    print(
+        "warm-up s"
+        + (" (compiles)" if a.compile else "")
+        + ": "
+        + ", ".join(f"{n} {t:.1f}" for n, t in warmup.items())
+    )
+    roofline(BENCHED["model"], BENCHED["prompt_tokens"], results, a, device)
+
+
+def decode_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
+    """Bytes one batch-1 decode step reads: the decoder's weights (the vision tower and projector are not
+    used; the input embedding table only when it is tied to the output one) and the KV cache, half full."""
+    skip = (
+        "visual.",
+        "vision_tower.",
+        "image_tower.",
+        "video_tower.",
+        "multi_modal_projector.",
+        "image_newline",
+    )
+    tied = model.lm_head.weight is next(
+        m.weight for n, m in model.named_modules() if n.endswith("embed_tokens")
+    )
+    weights = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if not n.startswith(skip) and (tied or not n.endswith("embed_tokens.weight"))
+    )
+    tc = model.cfg.text_config
+    Dh = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    S = prompt_tokens + new_tokens // 2
+    cache = (
+        2 * tc.num_hidden_layers * tc.num_key_value_heads * Dh * S * next(model.parameters()).element_size()
+    )
+    return weights + cache
+
+
+def gemv_bandwidth(n_bytes: int, device, dtype) -> float:
+    """Bytes/s of a matrix-vector product over a matrix of n_bytes (at most 2 GiB): the decode roofline."""
+    n_bytes = min(n_bytes, 2 << 30)
+    cols = 4096
+    rows = max(1, n_bytes // (cols * torch.tensor([], dtype=dtype).element_size()))
+    W = torch.randn(rows, cols, device=device, dtype=dtype)
+    x = torch.randn(cols, device=device, dtype=dtype)
+    best = min(timed(lambda: W @ x, device)[0] for _ in range(10))
+    return W.numel() * W.element_size() / best
+
+
+def roofline(model, prompt_tokens: int, results, a, device) -> None:
+    n = decode_bytes(model, prompt_tokens, a.new_tokens)
+    bw = gemv_bandwidth(n, device, next(model.parameters()).dtype)
+    shares = {k: r["decode_tok_s_b1"] * n / bw for k, r in results.items()}
+    print(
+        f"decode roofline, batch 1: {n / 1e6:.1f} MB read per token, GEMV bandwidth {bw / 1e9:.1f} GB/s -> "
+        + ", ".join(f"{k} {s:.0%}" for k, s in shares.items())
+    )
 
 
 if __name__ == "__main__":
