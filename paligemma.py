@@ -709,6 +709,13 @@ class PaliGemma(nn.Module):
         )
         return loss, logits
 
+    def prefill(self, x, pos, masks, caches: list[KVCache]) -> torch.Tensor:
+        """The whole prompt at once: embeddings x (B, T, D) with their positions and mask, written into the
+        empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
+        row's last token at T-1."""
+        h = self.language_model(x, pos, masks, caches, 0)
+        return self.logits(h[:, -1]).float()
+
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
@@ -776,8 +783,7 @@ class PaliGemma(nn.Module):
             masks = no_masks
         else:
             masks = self.masks(keep[:, :T], prefix[:, :T], T)
-        h = self.language_model(x, pos, masks, caches, 0)
-        first = self.logits(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
+        first = self.prefill(x, pos, masks, caches)  # (B, V)
         if not bool(torch.isfinite(first).all()):
             raise RuntimeError(
                 "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"

@@ -675,6 +675,13 @@ class VideoLlava(nn.Module):
         h = self.language_model(x, pos, causal_padding_mask(attention_mask.bool(), input_ids.shape[1]))
         return self.lm_head(h)
 
+    def prefill(self, x, pos, mask, caches: list[KVCache]) -> torch.Tensor:
+        """The whole prompt at once: embeddings x (B, T, D) with their positions and mask, written into the
+        empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
+        row's last token at T-1."""
+        h = self.language_model(x, pos, mask, caches, 0)
+        return self.lm_head(h[:, -1]).float()
+
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
@@ -729,8 +736,7 @@ class VideoLlava(nn.Module):
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
         keep[:, :T] = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        h = self.language_model(x, pos, causal_padding_mask(keep[:, :T], T), caches, 0)
-        first = self.lm_head(h[:, -1]).float()  # (B, V): left padding puts every row's last token at T-1
+        first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         if not bool(torch.isfinite(first).all()):
             raise RuntimeError(
                 "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
