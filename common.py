@@ -273,16 +273,6 @@ def read_eos_ids(ckpt: Path, config: dict) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def read_chat_template(ckpt: Path) -> str | None:
-    """The checkpoint's Jinja chat template, from any of the three places repos keep it."""
-    if (ckpt / "chat_template.jinja").is_file():
-        return (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        if (ckpt / name).is_file() and "chat_template" in (d := read_json(ckpt / name)):
-            return d["chat_template"]
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sampling and the generation loop
 

@@ -24,6 +24,13 @@ Worked example (0.5b-ov): a 480x640 photo -> best resolution 768x768 -> fitted t
 (the padding was 7 feature rows top and bottom), 2160 features <= 9 x 729 so no shrink -> 40 rows x (54 + 1
 newline) = 2200, plus the base 729 = 2929 tokens of width 896.
 
+Where things are (section: what to read first):
+  1 config: LlavaOnevisionConfig.from_hf     2 preprocessing: select_best_resolution, anyres_layout,
+    anyres_tiles, Processor.__call__         3 vision tower: SiglipVisionTower    4 projector: Projector
+  5 decoder: rope_cos_sin, attend (GQA), KVCache, Attention
+  6 the VLM: LlavaOnevision.pack_anyres, image_features, video_features, embed / prefill / decode_step
+  7 weights: rename, load                    8 command line: main
+
 Paper: "LLaVA-OneVision: Easy Visual Task Transfer" (arXiv 2408.03326). Matches transformers 5.23
 `models/llava_onevision/` (modeling, image/video processing, processing) with `siglip/` and `qwen2/`.
 """

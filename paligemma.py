@@ -23,6 +23,13 @@ Worked example (paligemma-3b-mix-224): a 480x640 photo -> resized to 224x224 -> 
 256 patches of width 1152 -> 27 SigLIP layers -> Linear -> (1, 256, 2048), written over the 256 <image> tokens
 of "<image>" * 256 + "<bos>caption en\\n". Positions run 1..260; the answer starts at position 261.
 
+Where things are (section: what to read first):
+  1 config: PaliGemmaConfig.from_hf          2 preprocessing: resize_and_normalize, build_prompt, Processor,
+    parse_boxes                              3 vision tower: SiglipVisionTower    4 projector: Projector
+  5 decoder: rope_cos_sin, attend (soft-cap), Attention, DecoderLayer (Gemma / Gemma2 branches)
+  6 the VLM: prefix_lm_mask, PaliGemma.embed / forward (loss) / prefill / decode_step / generate
+  7 weights: rename, load                    8 command line: main
+
 Papers: "PaliGemma: A versatile 3B VLM for transfer" (arXiv 2407.07726), "PaliGemma 2" (arXiv 2412.03555).
 Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemma2/`.
 """
@@ -106,7 +113,6 @@ class PaliGemmaConfig:
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 257152  # <image>
     pad_token_id: int = 0
-    bos_token_id: int = 2
     eos_token_id: int = 1
 
     @staticmethod
@@ -163,7 +169,6 @@ class PaliGemmaConfig:
             vision_config=vision,
             image_token_id=d.get("image_token_index", d.get("image_token_id", 257152)),
             pad_token_id=d.get("pad_token_id", t.get("pad_token_id", 0)),
-            bos_token_id=d.get("bos_token_id", t.get("bos_token_id", 2)),
             eos_token_id=d.get("eos_token_id", t.get("eos_token_id", 1)),
         )
 

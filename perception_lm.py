@@ -21,6 +21,14 @@ Worked example (PLM-1B): a 640x480 photo -> tile grid 7x5 (35 tiles, the largest
 unscaled-down) + the thumbnail = 36 x (3, 448, 448) -> PE (36, 1 + 1024, 1024) -> drop CLS -> projector ->
 (36, 1024, 2048) -> 2x2 pool -> 36 x 256 = 9216 tokens of width 2048.
 
+Where things are (section: what to read first):
+  1 config: PerceptionLMConfig.from_hf       2 preprocessing: choose_tile_grid, thumb_and_tiles, Processor
+  3 vision tower: pe_rope_angles, PEAttention, PerceptionEncoder
+  4 projector: Projector (MLP, then 2x2 pooling)
+  5 decoder: llama3_inv_freq, rope_cos_sin, attend (GQA), KVCache, Attention
+  6 the VLM: PerceptionLM.media_features, embed / prefill / decode_step / generate
+  7 weights: rename, load                    8 command line: main
+
 Paper: "PerceptionLM: Open-Access Data and Models for Detailed Visual Understanding" (arXiv 2504.13180); the
 encoder: "Perception Encoder" (arXiv 2504.13181). Matches transformers 5.23 `models/perception_lm/` with its
 vision tower from timm 1.0.31 `models/eva.py` (the `vit_pe_core_*` entries).

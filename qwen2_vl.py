@@ -22,6 +22,13 @@ patches of 3*2*14*14 = 1176 values -> vision tower (1564, 1280) -> 2x2 merge -> 
 written over the 391 <|image_pad|> placeholders of the prompt. Text after the image continues at position
 start + max(17, 23) = +23.
 
+Where things are (section: what to read first):
+  1 config: Qwen2VLConfig.from_hf            2 preprocessing: smart_resize, patchify, Processor.__call__
+  3 vision tower + merger: vision_rope_angles, VisionAttention (block-diagonal), PatchMerger
+  4 decoder: mrope_cos_sin, attend (GQA), KVCache, Attention
+  5 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
+  6 weights: rename, load                    7 command line: main
+
 Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv
 2409.12191). Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing),
 except where noted (positions after a video: we follow the released model, see `get_rope_index`).
@@ -85,7 +92,6 @@ class Qwen2VLConfig:
     tie_word_embeddings: bool = True  # 2B: true, 7B: false
     image_token_id: int = 151655  # <|image_pad|>
     video_token_id: int = 151656  # <|video_pad|>
-    vision_start_token_id: int = 151652
 
     @staticmethod
     def from_hf(d: dict) -> Qwen2VLConfig:
@@ -132,7 +138,6 @@ class Qwen2VLConfig:
             tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
             image_token_id=d.get("image_token_id", 151655),
             video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
         )
 
 

@@ -18,6 +18,13 @@ Worked example (Video-LLaVA-7B): a 480x640 photo -> shortest edge 224 -> 224x298
 image tower -> hidden state -2 (1, 257, 1024) -> drop CLS -> 256 x 1024 -> projector -> 256 x 4096. A video
 -> 8 frames of 224x224 -> video tower -> (8, 257, 1024) -> projector -> 2056 x 4096, frame after frame.
 
+Where things are (section: what to read first):
+  1 config: VideoLlavaConfig.from_hf         2 preprocessing: preprocess_image, preprocess_frames,
+    Processor.load_video                     3 vision towers: ClipVisionTower    4 projector: Projector
+  5 decoder: rope_cos_sin, attend, KVCache, Attention
+  6 the VLM: VideoLlava.image_features, video_features, embed / prefill / decode_step / generate
+  7 weights: rename, load                    8 command line: main
+
 Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before Projection" (arXiv
 2311.10122). Matches transformers 5.23 `models/video_llava/` with `clip/` and `llama/`.
 """

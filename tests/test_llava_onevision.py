@@ -165,7 +165,7 @@ def test_chat_template_matches_jinja(ours, name):
 
 def test_chat_template_file_spellings(dirs):
     for layout in ("hf5", "hub"):
-        assert common.read_chat_template(dirs[layout]) == (DATA / "chat_template.jinja").read_text()
+        assert tiny.read_chat_template(dirs[layout]) == (DATA / "chat_template.jinja").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------

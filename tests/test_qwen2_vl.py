@@ -171,7 +171,7 @@ def test_chat_template_matches_jinja(ours, name, vision_id):
 
 def test_chat_template_file_spellings(dirs):
     for layout in ("hf5", "hub"):
-        assert common.read_chat_template(dirs[layout]) == (DATA / "chat_template.jinja").read_text()
+        assert tiny.read_chat_template(dirs[layout]) == (DATA / "chat_template.jinja").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------

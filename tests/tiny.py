@@ -37,6 +37,17 @@ def torchvision_for_reference() -> str:
         return "stand-in"
 
 
+def read_chat_template(ckpt: Path) -> str | None:
+    """A checkpoint's Jinja chat template, from any of the three places repos keep it (the model files write
+    their prompt formats in Python; the tests compare them with this template)."""
+    if (ckpt / "chat_template.jinja").is_file():
+        return (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (ckpt / name).is_file() and "chat_template" in (d := json.loads((ckpt / name).read_text())):
+            return d["chat_template"]
+    return None
+
+
 CORPUS = [
     "Describe this image. What is in the picture? A cat sits on a red mat near the window.",
     "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:'\"()[]{}<>",
