@@ -593,7 +593,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side: (B, T, H*Dh = D)
 
 
 class MLP(nn.Module):
@@ -764,8 +764,10 @@ class LlavaOnevision(nn.Module):
         x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         is_image, is_video = input_ids == self.cfg.image_token_id, input_ids == self.cfg.video_token_id
         per_image = [] if pixel_values is None else self.expected_tokens(image_sizes, batch_num_images)
-        per_video = [] if pixel_values_videos is None else [self.video_tokens(pixel_values_videos.shape[1])]
-        per_video *= 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
+        per_video = []
+        if pixel_values_videos is not None:  # every video of a call has the same number of frames
+            V, Fr = pixel_values_videos.shape[:2]
+            per_video = [self.video_tokens(Fr)] * V
         for what, is_pad, need in (("image", is_image, per_image), ("video", is_video, per_video)):
             if int(is_pad.sum()) != sum(need):
                 raise ValueError(
@@ -792,6 +794,9 @@ class LlavaOnevision(nn.Module):
         pixel_values_videos=None,
     ) -> torch.Tensor:
         """The full forward pass without a cache: logits (B, T, V). Differentiable.
+        Inputs, as the processor returns them: input_ids, attention_mask (B, T); pixel_values (n_images,
+        max tiles, 3, 384, 384), image_sizes (n_images, 2) as (H, W), batch_num_images (rows with images,);
+        pixel_values_videos (n_videos, F, 3, 384, 384).
         NOTE: positions count real tokens from 0 in every row (padding-aware, as transformers' generate does;
         its cache-less forward numbers left-padded rows from the first column instead)."""
         if attention_mask is None:

@@ -540,7 +540,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))  # (B, T, H*Dh) -> (B, T, D)
 
 
 class MLP(nn.Module):
@@ -696,7 +696,9 @@ class PaliGemma(nn.Module):
         loss is the mean next-token cross-entropy over the labels that are not -100. Differentiable.
         NOTE: positions count real tokens from 1 (padding-aware, as transformers' generate does; its
         cache-less forward instead numbers padded rows from the first column). Without token_type_ids the
-        whole prompt is the prefix block."""
+        whole prompt is the prefix block.
+        Inputs, as the processor returns them: input_ids, attention_mask, token_type_ids, labels (B, T);
+        pixel_values (n_images, 3, S, S), S = 224, 448 or 896."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:

@@ -654,7 +654,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))  # (B, T, H*Dh) -> (B, T, D)
 
 
 class MLP(nn.Module):
@@ -787,6 +787,8 @@ class PerceptionLM(nn.Module):
         self, input_ids, attention_mask=None, pixel_values=None, pixel_values_videos=None
     ) -> torch.Tensor:
         """The full forward pass without a cache: logits (B, T, V). Differentiable.
+        Inputs, as the processor returns them: input_ids, attention_mask (B, T); pixel_values (n_images,
+        1 + tiles, 3, 448, 448), the thumbnail first; pixel_values_videos (n_videos, F, 3, 448, 448).
         NOTE: positions count real tokens from 0 in every row (padding-aware, as transformers' generate does;
         its cache-less forward numbers left-padded rows from the first column instead)."""
         if attention_mask is None:

@@ -625,7 +625,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side: (B, T, H*Dh = D)
 
 
 class MLP(nn.Module):
@@ -821,7 +821,10 @@ class Qwen2VL(nn.Module):
         pixel_values_videos=None,
         video_grid_thw=None,
     ) -> torch.Tensor:
-        """The full forward pass without a cache: logits (B, T, V). Differentiable."""
+        """The full forward pass without a cache: logits (B, T, V). Differentiable.
+        Inputs, as the processor returns them: input_ids, attention_mask, mm_token_type_ids (B, T);
+        pixel_values (N, 1176) the patch rows of all images, image_grid_thw (n_images, 3) as (t, h, w);
+        pixel_values_videos (N_video, 1176), video_grid_thw (n_videos, 3)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)

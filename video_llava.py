@@ -531,7 +531,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side: (B, T, H*Dh = D)
 
 
 class MLP(nn.Module):
@@ -671,7 +671,8 @@ class VideoLlava(nn.Module):
         pixel_values=None,
     ) -> torch.Tensor:
         """The full forward pass without a cache: logits (B, T, V). Differentiable. Images come as
-        `pixel_values_images` (what the processor returns) or `pixel_values`.
+        `pixel_values_images` (what the processor returns) or `pixel_values`: (n_images, 3, 224, 224);
+        input_ids, attention_mask (B, T); pixel_values_videos (n_videos, F, 3, 224, 224).
         NOTE: positions count real tokens from 0 in every row (padding-aware, as transformers' generate does;
         its cache-less forward numbers left-padded rows from the first column instead)."""
         if attention_mask is None:
