@@ -24,10 +24,10 @@ start + max(17, 23) = +23.
 
 Where things are (section: what to read first):
   1 config: Qwen2VLConfig.from_hf            2 preprocessing: smart_resize, patchify, Processor.__call__
-  3 vision tower + merger: vision_rope_angles, VisionAttention (block-diagonal), PatchMerger
-  4 decoder: mrope_cos_sin, attend (GQA), KVCache, Attention
-  5 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
-  6 weights: rename, load                    7 command line: main
+  3 vision tower: vision_rope_angles, VisionAttention (block-diagonal), VisionTransformer
+  4 projector: PatchMerger (2x2 merge)        5 decoder: mrope_cos_sin, attend (GQA), KVCache, Attention
+  6 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
+  7 weights: rename, load                    8 command line: main
 
 Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv
 2409.12191). Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing),
@@ -496,17 +496,6 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.proj.weight.flatten(1))
 
 
-class PatchMerger(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        width = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Dv) -> (N/4, D)
-        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))  # 4 consecutive rows = one 2x2 window
-
-
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -534,7 +523,23 @@ class VisionTransformer(nn.Module):
 
 
 # ==========================================================================================================
-# 4. Language decoder (Qwen2 with M-RoPE)
+# 4. Projector: the 2x2 patch merger (stored inside the vision tower, as `visual.merger`)
+# ==========================================================================================================
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        width = cfg.embed_dim * cfg.spatial_merge_size**2
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Dv) -> (N/4, D)
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))  # 4 consecutive rows = one 2x2 window
+
+
+# ==========================================================================================================
+# 5. Language decoder (Qwen2 with M-RoPE)
 # ==========================================================================================================
 
 
@@ -669,7 +674,7 @@ class Qwen2Model(nn.Module):
 
 
 # ==========================================================================================================
-# 5. The VLM: merge vision features, positions, masks, forward, generate
+# 6. The VLM: merge vision features, positions, masks, forward, generate
 # ==========================================================================================================
 
 
@@ -920,7 +925,7 @@ class Qwen2VL(nn.Module):
 
 
 # ==========================================================================================================
-# 6. Weights
+# 7. Weights
 # ==========================================================================================================
 
 
@@ -956,7 +961,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL,
 
 
 # ==========================================================================================================
-# 7. Command line
+# 8. Command line
 # ==========================================================================================================
 
 
