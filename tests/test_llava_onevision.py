@@ -14,6 +14,7 @@ import pytest
 import tiny
 import torch
 from PIL import Image
+from tiny import max_diff, user
 
 import common
 import llava_onevision as lo
@@ -57,14 +58,6 @@ def image(name, seed=0):
 
 
 VIDEO = tiny.synthetic_video(3, 40, 60, seed=3)
-
-
-def user(*items, text="What is this?"):
-    return [{"role": "user", "content": [{"type": t} for t in items] + [{"type": "text", "text": text}]}]
-
-
-def max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def hf_inputs(hproc, text, images, videos, nested):

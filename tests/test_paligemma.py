@@ -12,6 +12,7 @@ import pytest
 import tiny
 import torch
 from PIL import Image
+from tiny import max_diff
 
 import common
 import paligemma
@@ -45,10 +46,6 @@ IMAGE_SIZES |= {"tiny": (9, 13), "exact": (56, 56)}
 
 def image(name, seed=0):
     return Image.fromarray(tiny.synthetic_image(*IMAGE_SIZES[name], seed))
-
-
-def max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def hf_inputs(hproc, **kw):

@@ -11,6 +11,7 @@ import pytest
 import tiny
 import torch
 from PIL import Image
+from tiny import max_diff, user
 
 import common
 import qwen2_vl
@@ -54,14 +55,6 @@ def image(name_or_hw, seed=0):
 
 
 VIDEO = tiny.synthetic_video(5, 64, 96, seed=3)  # odd frame count: the last frame is repeated
-
-
-def user(*items, text="Describe this."):
-    return [{"role": "user", "content": [{"type": t} for t in items] + [{"type": "text", "text": text}]}]
-
-
-def max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------------------

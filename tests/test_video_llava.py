@@ -15,6 +15,7 @@ import pytest
 import tiny
 import torch
 from PIL import Image
+from tiny import max_diff, user
 
 import common
 import video_llava as vl
@@ -56,14 +57,6 @@ def image(name, seed=0):
 
 
 VIDEO = tiny.synthetic_video(8, 70, 90, seed=3)
-
-
-def user(*items, text="What is this?"):
-    return [{"role": "user", "content": [{"type": t} for t in items] + [{"type": "text", "text": text}]}]
-
-
-def max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def hf_inputs(hproc, text, images, videos):

@@ -37,6 +37,16 @@ def torchvision_for_reference() -> str:
         return "stand-in"
 
 
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference, computed in float64."""
+    return (a.double() - b.double()).abs().max().item()
+
+
+def user(*items: str, text: str = "What is this?") -> list[dict]:
+    """One user turn: the media items ("image", "video") in order, then the text."""
+    return [{"role": "user", "content": [{"type": t} for t in items] + [{"type": "text", "text": text}]}]
+
+
 def read_chat_template(ckpt: Path) -> str | None:
     """A checkpoint's Jinja chat template, from any of the three places repos keep it (the model files write
     their prompt formats in Python; the tests compare them with this template)."""
