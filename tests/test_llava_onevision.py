@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from tiny import max_diff, user
 
-import common
 import llava_onevision as lo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,22 +248,8 @@ def test_cache_equals_full_forward(ours, monkeypatch):
     model, proc = ours
     rows = batch_rows(proc)[1:3]
     inputs = proc(text=[r[0] for r in rows], images=[i for r in rows for i in r[1]])
-    seen = []
-    real_sample = common.sample
-    monkeypatch.setattr(
-        common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a)
-    )
-    new = model.generate(**inputs, max_new_tokens=10, eos_token_ids=[])
-    T = inputs["input_ids"].shape[1]
-    full = dict(
-        inputs,
-        input_ids=torch.cat([inputs["input_ids"], new], 1),
-        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
-    )
-    with torch.no_grad():
-        logits = model(**full)
-    for i, step_logits in enumerate(seen):
-        assert max_diff(step_logits, logits[:, T - 1 + i]) <= 1e-4, i
+    diffs = tiny.cache_vs_full_forward(model, inputs, monkeypatch)
+    assert max(diffs) <= 1e-4, diffs
 
 
 def test_sampling_is_seeded(ours):

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from tiny import max_diff, user
 
-import common
 import perception_lm as plm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,22 +247,8 @@ def test_cache_equals_full_forward(ours, monkeypatch):
         proc.apply_chat_template(user("video", text="Why, and how?")),
     ]
     inputs = proc(text=texts, images=[image("photo")], videos=[VIDEO])
-    seen = []
-    real_sample = common.sample
-    monkeypatch.setattr(
-        common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a)
-    )
-    new = model.generate(**inputs, max_new_tokens=10, eos_token_ids=[])
-    T = inputs["input_ids"].shape[1]
-    full = dict(
-        inputs,
-        input_ids=torch.cat([inputs["input_ids"], new], 1),
-        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
-    )
-    with torch.no_grad():
-        logits = model(**full)
-    for i, step_logits in enumerate(seen):
-        assert max_diff(step_logits, logits[:, T - 1 + i]) <= 1e-4, i
+    diffs = tiny.cache_vs_full_forward(model, inputs, monkeypatch)
+    assert max(diffs) <= 1e-4, diffs
 
 
 @pytest.mark.parametrize("name", ["Perception-LM-1B", "Perception-LM-3B", "Perception-LM-8B"])

@@ -235,23 +235,8 @@ def test_cache_equals_full_forward(ours, monkeypatch):
         proc.apply_chat_template(user("image", text="Be brief, ok?")),
     ]
     inputs = proc(text=texts, images=[image("photo"), image("very_wide", 3)])
-    seen = []
-    real_sample = common.sample
-    monkeypatch.setattr(
-        common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a)
-    )
-    new = model.generate(**inputs, max_new_tokens=10, eos_token_ids=[])
-    T = inputs["input_ids"].shape[1]
-    full = dict(
-        inputs,
-        input_ids=torch.cat([inputs["input_ids"], new], 1),
-        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
-        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new)], 1),
-    )
-    with torch.no_grad():
-        logits = model(**full)
-    for i, step_logits in enumerate(seen):
-        assert max_diff(step_logits, logits[:, T - 1 + i]) <= 1e-4, i
+    diffs = tiny.cache_vs_full_forward(model, inputs, monkeypatch)
+    assert max(diffs) <= 1e-4, diffs
 
 
 def test_rope_index_matches_reference(ours, ref):

@@ -47,6 +47,35 @@ def user(*items: str, text: str = "What is this?") -> list[dict]:
     return [{"role": "user", "content": [{"type": t} for t in items] + [{"type": "text", "text": text}]}]
 
 
+def cache_vs_full_forward(
+    model, inputs: dict, monkeypatch, new_token_type: dict | None = None
+) -> list[float]:
+    """Generates 10 tokens with the cache, recording every step's logits, then runs the full no-cache forward
+    over prompt + generated tokens; returns, per step, the largest difference between the two. The generated
+    tokens extend every (B, T) input: input_ids with themselves, attention_mask with 1, the others with 0
+    unless `new_token_type` says otherwise (PaliGemma: token_type_ids 1, the causal answer)."""
+    import common
+
+    seen = []
+    real_sample = common.sample
+    monkeypatch.setattr(
+        common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a)
+    )
+    new = model.generate(**inputs, max_new_tokens=10, eos_token_ids=[])
+    B, T = inputs["input_ids"].shape
+    fill = {"attention_mask": 1, **(new_token_type or {})}
+    full = {}
+    for k, v in inputs.items():
+        if k == "input_ids":
+            v = torch.cat([v, new], 1)
+        elif v.dim() == 2 and tuple(v.shape) == (B, T):
+            v = torch.cat([v, torch.full_like(new, fill.get(k, 0))], 1)
+        full[k] = v
+    with torch.no_grad():
+        logits = model(**full)
+    return [max_diff(step, logits[:, T - 1 + i]) for i, step in enumerate(seen)]
+
+
 def read_chat_template(ckpt: Path) -> str | None:
     """A checkpoint's Jinja chat template, from any of the three places repos keep it (the model files write
     their prompt formats in Python; the tests compare them with this template)."""
