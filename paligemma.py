@@ -481,8 +481,8 @@ def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
     if mask is None and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
     G = H // k.shape[1]
-    q = q.reshape(B, -1, G * T, Dh)
-    mask = None if mask is None else mask.repeat(1, 1, G, 1)
+    q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
+    mask = None if mask is None else mask.repeat(1, 1, G, 1)  # (B, 1, G*T, S)
     if softcap is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
@@ -491,7 +491,7 @@ def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         y = s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
-    return y.view(B, H, T, Dh)
+    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
 
 
 class KVCache(nn.Module):

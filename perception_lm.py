@@ -608,8 +608,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
-    y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
-    return y.view(B, H, T, Dh)
+    q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
+    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
 
 
 class KVCache(nn.Module):

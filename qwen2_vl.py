@@ -234,7 +234,7 @@ def patchify(x: torch.Tensor, cfg: VisionInputConfig) -> tuple[torch.Tensor, lis
     consecutive rows), each row flattened as (C, T, 14, 14). An odd frame count repeats the last frame."""
     P, M, Tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     if x.shape[0] % Tp:
-        x = torch.cat([x, x[-1:].expand(Tp - x.shape[0] % Tp, -1, -1, -1)])
+        x = torch.cat([x, x[-1:].expand(Tp - x.shape[0] % Tp, -1, -1, -1)])  # (F rounded up to even, 3, h, w)
     Fr, C, h, w = x.shape
     t, gh, gw = Fr // Tp, h // P, w // P
     x = x.view(t, Tp, C, gh // M, M, P, gw // M, M, P)
@@ -584,8 +584,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
-    y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1))
-    return y.view(B, H, T, Dh)
+    q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
+    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
 
 
 class KVCache(nn.Module):
