@@ -195,16 +195,21 @@ def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {ckpt} (weights are only loaded from safetensors)")
-    from safetensors import safe_open
-
     names = {}
     for f in files:
-        try:
-            with safe_open(f, "pt") as sf:
-                names.update({k: f for k in sf.keys()})
-        except Exception as e:
-            raise ValueError(f"{f} is not a readable safetensors file ({e}): download it again") from e
+        with open_safetensors(f) as sf:
+            names.update({k: f for k in sf.keys()})
     return names
+
+
+def open_safetensors(f: Path):
+    """safe_open on the CPU; a file that is not safetensors (a cut download, a renamed pickle) is an error."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(f, "pt", device="cpu")
+    except Exception as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e}): download it again") from e
 
 
 def load_weights(
@@ -218,8 +223,6 @@ def load_weights(
     """Fill a model built on the meta device: read every tensor (mmap), `rename` it (None drops it), check the
     names and shapes strictly, cast floating tensors to `dtype` once, and `load_state_dict(assign=True)`.
     `tied` maps a parameter to the one it shares storage with (e.g. lm_head -> embed_tokens)."""
-    from safetensors import safe_open
-
     tied = tied or {}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     by_file: dict[Path, list[str]] = {}
@@ -227,11 +230,7 @@ def load_weights(
         by_file.setdefault(f, []).append(name)
     state, unexpected = {}, []
     for f, names in by_file.items():
-        try:
-            sf = safe_open(f, "pt", device="cpu")
-        except Exception as e:  # a truncated download, a pickle renamed, a missing shard
-            raise ValueError(f"{f} is not a readable safetensors file ({e}): download it again") from e
-        with sf:
+        with open_safetensors(f) as sf:
             for name in names:
                 new = rename(name)
                 if new is None:
@@ -462,9 +461,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         x = np.asarray(image, dtype=np.float64)
         if image.mode == "F":  # floats: 0..1, or already 0..255
             x = x * 255.0 if x.max(initial=0) <= 1.0 else x
-        elif (
-            image.mode.startswith("I;16") or x.max(initial=0) > 255
-        ):  # 16-bit range (32-bit "I" holds it too)
+        elif image.mode.startswith("I;16") or x.max(initial=0) > 255:  # 16-bit values ("I" holds them too)
             x = x / 257.0
         image = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -716,13 +713,11 @@ def cli_parser(m, description: str, example: str, frames: str | None, system: st
     return ap
 
 
-def check_cli(a) -> GenerationSettings:
+def check_cli(a) -> None:
     """Everything the command line can check before downloading or loading a checkpoint: sampling ranges,
-    frame counts, that local media files exist, the device. Returns the generation settings."""
+    frame counts, that local media files exist, the device."""
     global MAX_IMAGE_PIXELS
-    settings = GenerationSettings(
-        a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed
-    )
+    GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
     if a.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
     MAX_IMAGE_PIXELS = a.max_image_pixels
@@ -733,7 +728,14 @@ def check_cli(a) -> GenerationSettings:
     if hasattr(a, "num_frames"):
         check_frames(a.num_frames, a.fps)
     pick_device(a.device)
-    return settings
+
+
+def cli_messages(a, n_images: int, n_videos: int) -> list[dict]:
+    """The chat of one command-line question: --system if given, then one user turn with the images, the
+    videos and the --prompt text."""
+    media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    user = {"role": "user", "content": media + [{"type": "text", "text": a.prompt}]}
+    return ([{"role": "system", "content": a.system}] if a.system else []) + [user]
 
 
 def say(*lines: str) -> None:
@@ -798,6 +800,6 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError includes FileNotFoundError
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         sys.exit(1)

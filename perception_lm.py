@@ -936,11 +936,7 @@ def main(argv: list[str] | None = None) -> None:
         processor.image = replace(processor.image, max_num_tiles=a.max_num_tiles)
     images = [common.load_image(src) for src in a.image]
     videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
-    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
-        {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
-    ]
-    prompt = processor.apply_chat_template(messages)
+    prompt = processor.apply_chat_template(common.cli_messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
     S, per_tile = processor.image.tile_size, model.tokens_per_tile()
     for i, im in enumerate(images):

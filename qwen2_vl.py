@@ -981,20 +981,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     common.check_cli(a)
     bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
-    if any(v < 28 * 28 for v in bounds.values()) or bounds.get("min_pixels", 0) > bounds.get(
-        "max_pixels", 1e18
-    ):
-        raise ValueError("--min-pixels and --max-pixels must be >= 784 (one 28x28 token), min <= max")
+    replace(VisionInputConfig(min_pixels=3136, max_pixels=12845056), **bounds)  # checks them before loading
 
     model, processor = load(a.model, a.device, a.dtype)
     processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
     images = [common.load_image(src) for src in a.image]
     videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
-    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
-        {"role": "user", "content": content + [{"type": "text", "text": a.prompt}]}
-    ]
-    prompt = processor.apply_chat_template(messages)
+    prompt = processor.apply_chat_template(common.cli_messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
     for i, (im, (_, h, w)) in enumerate(
         zip(images, inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())

@@ -144,8 +144,8 @@ def test_bad_files_after_loading(file, ckpt, media, capsys, tmp_path):
 def test_model_specific_values(ckpt, media, capsys):
     cases = [
         ("perception_lm", ["--max-num-tiles", "0"], "--max-num-tiles must be >= 1"),
-        ("qwen2_vl", ["--min-pixels", "10"], "must be >= 784"),
-        ("qwen2_vl", ["--min-pixels", "5000", "--max-pixels", "4000"], "min <= max"),
+        ("qwen2_vl", ["--min-pixels", "10"], "need 784 <= min <= max"),
+        ("qwen2_vl", ["--min-pixels", "5000", "--max-pixels", "4000"], "need 784 <= min <= max"),
         ("paligemma", ["--system", "be brief"], "unrecognized arguments: --system"),
     ]
     for file, extra, needle in cases:
