@@ -448,17 +448,13 @@ def main():
     roofline(BENCHED["model"], BENCHED["prompt_tokens"], results, a, device)
 
 
+VISION_PARTS = ("visual.", "vision_tower.", "image_tower.", "video_tower.", "multi_modal_projector.")
+
+
 def decode_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
     """Bytes one batch-1 decode step reads: the decoder's weights (the vision tower and projector are not
     used; the input embedding table only when it is tied to the output one) and the KV cache, half full."""
-    skip = (
-        "visual.",
-        "vision_tower.",
-        "image_tower.",
-        "video_tower.",
-        "multi_modal_projector.",
-        "image_newline",
-    )
+    skip = VISION_PARTS + ("image_newline",)
     tied = model.lm_head.weight is next(
         m.weight for n, m in model.named_modules() if n.endswith("embed_tokens")
     )
@@ -487,13 +483,37 @@ def gemv_bandwidth(n_bytes: int, device, dtype) -> float:
     return W.numel() * W.element_size() / best
 
 
+def matmul_floor(model, device) -> float:
+    """Seconds the matrix products of one batch-1 decode step take run bare, one after another on a (1, in)
+    input with the model's own weights: the part of a step no framework can skip. Small matrices reach less
+    of the bandwidth than one large GEMV, so this floor sits below the roofline."""
+    weights = [
+        m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.startswith(VISION_PARTS)
+    ]
+    xs = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
+
+    def products():
+        for x, w in zip(xs, weights):
+            torch.nn.functional.linear(x, w)
+
+    return min(timed(products, device)[0] for _ in range(10))
+
+
 def roofline(model, prompt_tokens: int, results, a, device) -> None:
     n = decode_bytes(model, prompt_tokens, a.new_tokens)
     bw = gemv_bandwidth(n, device, next(model.parameters()).dtype)
+    floor = matmul_floor(model, device)
     shares = {k: r["decode_tok_s_b1"] * n / bw for k, r in results.items()}
     print(
         f"decode roofline, batch 1: {n / 1e6:.1f} MB read per token, GEMV bandwidth {bw / 1e9:.1f} GB/s -> "
         + ", ".join(f"{k} {s:.0%}" for k, s in shares.items())
+    )
+    print(
+        f"the step's matrix products run bare: {floor * 1e3:.2f} ms ({n / floor / 1e9:.1f} GB/s) -> "
+        + ", ".join(f"{k} {r['decode_tok_s_b1'] * floor:.0%}" for k, r in results.items())
+        + " of that floor"
     )
 
 
