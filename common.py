@@ -179,12 +179,35 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def read_json_if_present(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
+
+
+def read_processor_configs(ckpt: Path) -> tuple[dict, dict, dict | None]:
+    """(processor_config.json, image settings, video settings or None). The published repos ship
+    preprocessor_config.json (and video_preprocessor_config.json); transformers 5 nests both in
+    processor_config.json. The separate files win where both exist."""
+    p = read_json_if_present(ckpt / "processor_config.json") or {}
+    image = read_json_if_present(ckpt / "preprocessor_config.json") or p.get("image_processor", {})
+    video = read_json_if_present(ckpt / "video_preprocessor_config.json") or p.get("video_processor")
+    return p, image, video
+
+
 def check_model_type(config: dict, expected: str, this_file: str) -> None:
     got = config.get("model_type")
     if got == expected:
         return
     hint = f"; use {MODEL_FILES[got]} for it" if got in MODEL_FILES else ""
     raise ValueError(f"this checkpoint is model_type={got!r}, but {this_file} runs {expected!r}{hint}")
+
+
+def read_config(ckpt: Path, expected: str, this_file: str) -> dict:
+    """The checkpoint's config.json, which must be of model_type `expected`."""
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
+    config = read_json(ckpt / "config.json")
+    check_model_type(config, expected, this_file)
+    return config
 
 
 def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
@@ -265,7 +288,7 @@ def load_weights(
 
 def read_eos_ids(ckpt: Path, config: dict) -> list[int]:
     """EOS ids from generation_config.json when present, else from config.json (flat or text_config)."""
-    gen = read_json(ckpt / "generation_config.json") if (ckpt / "generation_config.json").is_file() else {}
+    gen = read_json_if_present(ckpt / "generation_config.json") or {}
     eos = gen.get(
         "eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
     )
@@ -336,6 +359,27 @@ class GenerationSettings:
                 or (name in ("max_new_tokens", "top_k") and value != int(value))
             ):
                 raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def left_padded_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention mask (all ones when None), which generation needs left-padded: every row's last token
+    real, so that the new tokens of all rows go to the same cache slot."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+    return attention_mask
+
+
+def cache_length(T: int, max_new_tokens: int) -> int:
+    """Slots a static KV cache needs: the prompt and the new tokens, rounded up to a multiple of 16 (so that
+    nearby prompt lengths share one compiled decode step)."""
+    return -(-(T + max_new_tokens) // 16) * 16
+
+
+def check_finite(first_logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(first_logits).all()):
+        raise RuntimeError("the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32")
 
 
 def check_context(n_positions: int, max_new_tokens: int, limit: int) -> None:
@@ -512,6 +556,32 @@ def load_image(src: str | Path | Image.Image | np.ndarray) -> Image.Image:
     except OSError as e:
         raise ValueError(f"{name} is not a readable image ({e})") from e
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def image_to_uint8(src) -> torch.Tensor:
+    """An image (anything `load_image` takes) -> (3, H, W) uint8, the layout the resize functions take.
+    NOTE: contiguous, because torch's uint8 resize may round differently on a channels-last view."""
+    return torch.from_numpy(np.array(load_image(src))).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def frames_to_uint8(frames) -> torch.Tensor:
+    """A video's frames, as an (F, H, W, 3) uint8 array or a list of images -> (F, 3, H, W) uint8."""
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (F, 3, H, W)
+    else:
+        x = torch.stack([image_to_uint8(f) for f in frames]) if len(frames) else torch.zeros(0, 3, 1, 1)
+    if x.shape[0] == 0:
+        raise ValueError("a video with zero frames was given")
+    return x
+
+
+def as_list(x) -> list:
+    """None -> [], a list or tuple -> a list, anything else (one prompt, image or video) -> [x]."""
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
 
 
 @dataclass

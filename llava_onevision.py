@@ -42,8 +42,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -172,6 +172,9 @@ class VisionInputConfig:
     grid: int = 27  # features per tile side (num_image_tokens = 729 = 27 x 27)
     max_tiles: int = 9
 
+    def layout(self, H: int, W: int) -> AnyresLayout:
+        return anyres_layout(H, W, self.pinpoints, self.size, self.grid, self.max_tiles)
+
     @staticmethod
     def from_hf(d: dict, num_image_tokens: int = 729, aspect: str = "anyres_max_9") -> VisionInputConfig:
         size = d.get("size") or {}
@@ -209,15 +212,26 @@ def fit_inside(H: int, W: int, h: int, w: int) -> tuple[int, int]:
     return h, min(math.ceil(W * h / H), w)
 
 
-def anyres_layout(H: int, W: int, cfg: VisionInputConfig) -> dict:
-    """Everything about an image's anyres features, from its size alone (the processor counts tokens with it,
-    the model packs features with it, so the two always agree):
-      tiles (rows, cols) of 384 tiles; the stitched map of rows*27 x cols*27 features; `crop` feature rows
-      (or columns, `crop_cols`) cut from each side to undo the letterbox padding; `size` of the map after
-      the crop and after the shrink; `tokens` = 729 (base) + rows' * (cols' + 1 newline)."""
-    bh, bw = select_best_resolution(H, W, cfg.pinpoints)
-    G = cfg.grid
-    h, w = bh // cfg.size * G, bw // cfg.size * G  # the stitched feature map
+class AnyresLayout(NamedTuple):
+    """Everything about one image's anyres features, from its size alone."""
+
+    tiles: tuple[int, int]  # (rows, cols) of tiles the best resolution holds
+    crop_rows: int  # feature rows cut from the top and from the bottom: the letterbox padding
+    crop_cols: int  # the same for columns (one of the two is 0)
+    cropped: tuple[int, int]  # the feature map after the crop
+    size: tuple[int, int]  # ... and after the shrink to about max_tiles tiles' worth
+    tokens: int  # grid**2 (base tile) + rows' * (cols' + 1 newline)
+
+
+def anyres_layout(
+    H: int, W: int, pinpoints, tile: int = 384, grid: int = 27, max_tiles: int = 9
+) -> AnyresLayout:
+    """The layout of an H x W image's features (the processor counts tokens with it, the model packs features
+    with it, so the two always agree): the image fitted into the best resolution as rows x cols tiles, each
+    tile `grid` x `grid` features, stitched into one map of rows*27 x cols*27, the padding cut away, and the
+    map shrunk when it holds more than `max_tiles` tiles' worth."""
+    bh, bw = select_best_resolution(H, W, pinpoints)
+    h, w = bh // tile * grid, bw // tile * grid  # the stitched feature map
     crop_rows = crop_cols = 0
     # NOTE: compare aspect ratios, then round the scaled side to 7 decimals before int(), as the reference.
     if W / H > w / h:
@@ -225,31 +239,22 @@ def anyres_layout(H: int, W: int, cfg: VisionInputConfig) -> dict:
     else:
         crop_cols = (w - int(round(W * (h / H), 7))) // 2
     ch, cw = h - 2 * crop_rows, w - 2 * crop_cols
-    ratio = math.sqrt(ch * cw / (cfg.max_tiles * G * G))
+    ratio = math.sqrt(ch * cw / (max_tiles * grid * grid))
     rh, rw = (int(ch // ratio), int(cw // ratio)) if ratio > 1.1 else (ch, cw)
-    return dict(
-        tiles=(bh // cfg.size, bw // cfg.size),
-        crop_rows=crop_rows,
-        crop_cols=crop_cols,
-        cropped=(ch, cw),
-        size=(rh, rw),
-        tokens=G * G + rh * (rw + 1),
+    return AnyresLayout(
+        (bh // tile, bw // tile), crop_rows, crop_cols, (ch, cw), (rh, rw), grid**2 + rh * (rw + 1)
     )
 
 
 def resize_uint8(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(..., 3, H, W) uint8 -> (..., 3, h, w) uint8. NOTE: the reference resizes uint8 tensors with
-    torchvision (antialiased bicubic, rounded back to uint8), which is exactly torch's uint8 interpolate."""
-    if x.shape[-2:] == (h, w):
-        return x
-    return F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(h, w), mode="bicubic", antialias=True).view(
-        *x.shape[:-2], h, w
-    )
+    """(n, 3, H, W) uint8 -> (n, 3, h, w) uint8. NOTE: the reference resizes the uint8 tensor with torchvision
+    (antialiased bicubic, rounded back to uint8), which is exactly torch's own uint8 interpolate."""
+    return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
 
 
 def normalize(x: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:  # uint8 -> float32, (x - 255m) / 255s
-    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
-    return (x.float() - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
+    return (x.float() - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)  # x's shape, float32
 
 
 def anyres_tiles(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
@@ -261,24 +266,21 @@ def anyres_tiles(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
     nh, nw = fit_inside(H, W, bh, bw)
     top, left = (bh - nh) // 2, (bw - nw) // 2  # the odd pixel of padding goes to the bottom / right
     canvas = torch.zeros(3, bh, bw, dtype=torch.uint8)
-    canvas[:, top : top + nh, left : left + nw] = resize_uint8(image, nh, nw)
-    tiles = canvas.view(3, bh // S, S, bw // S, S).permute(1, 3, 0, 2, 4).reshape(-1, 3, S, S)
-    return normalize(torch.cat([resize_uint8(image, S, S)[None], tiles]), cfg)  # (1 + n, 3, S, S)
+    canvas[:, top : top + nh, left : left + nw] = resize_uint8(image[None], nh, nw)[0]
+    tiles = canvas.view(3, bh // S, S, bw // S, S).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
+    tiles = tiles.reshape(-1, 3, S, S)  # (rows*cols, 3, S, S), row by row
+    return normalize(torch.cat([resize_uint8(image[None], S, S), tiles]), cfg)  # (1 + n, 3, S, S)
 
 
 def square_tile(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
     """(3, H, W) uint8 -> (1, 3, 384, 384): padded to a square with the colour int(255 mean), squashed."""
     H, W = image.shape[-2:]
     L = max(H, W)
-    fill = torch.tensor([int(m * 255) for m in cfg.image_mean], dtype=torch.uint8).view(3, 1, 1)
-    canvas = fill.expand(3, L, L).clone()
+    fill = torch.tensor([int(m * 255) for m in cfg.image_mean], dtype=torch.uint8).view(3, 1, 1)  # (3, 1, 1)
+    canvas = fill.expand(3, L, L).clone()  # (3, L, L)
     top, left = (L - H) // 2, (L - W) // 2
     canvas[:, top : top + H, left : left + W] = image
-    return normalize(resize_uint8(canvas, cfg.size, cfg.size), cfg)[None]
-
-
-def to_uint8(image) -> torch.Tensor:  # PIL / array / path -> (3, H, W) uint8
-    return torch.from_numpy(np.array(common.load_image(image))).permute(2, 0, 1).contiguous()
+    return normalize(resize_uint8(canvas[None], cfg.size, cfg.size), cfg)  # (1, 3, S, S)
 
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -299,16 +301,7 @@ class Processor:
     def from_dir(ckpt: Path) -> Processor:
         """Settings from preprocessor_config.json + processor_config.json (published repos) or the nested
         processor_config.json (transformers 5). Without a video config the image values are used."""
-        p = (
-            common.read_json(ckpt / "processor_config.json")
-            if (ckpt / "processor_config.json").is_file()
-            else {}
-        )
-        image_d, video_d = p.get("image_processor", {}), p.get("video_processor")
-        if (ckpt / "preprocessor_config.json").is_file():
-            image_d = common.read_json(ckpt / "preprocessor_config.json")
-        if (ckpt / "video_preprocessor_config.json").is_file():
-            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
+        p, image_d, video_d = common.read_processor_configs(ckpt)
         extra = (p.get("num_image_tokens", 729), p.get("vision_aspect_ratio", "anyres_max_9"))
         return Processor(
             common.Tokenizer(ckpt / "tokenizer.json"),
@@ -344,13 +337,9 @@ class Processor:
         out = []
         for video in videos:
             frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            if isinstance(frames, np.ndarray) and frames.ndim == 4:
-                x = torch.from_numpy(frames).permute(0, 3, 1, 2)
-            else:
-                x = torch.stack([to_uint8(f) for f in frames]) if len(frames) else torch.zeros(0)
-            if x.shape[0] == 0:
-                raise ValueError("a video with zero frames was given")
-            out.append(normalize(resize_uint8(x, self.video.size, self.video.size), self.video))
+            S = self.video.size
+            x = resize_uint8(common.frames_to_uint8(frames), S, S)  # (F, 3, 384, 384)
+            out.append(normalize(x, self.video))
         if len({v.shape[0] for v in out}) > 1:
             raise ValueError(
                 f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
@@ -361,10 +350,8 @@ class Processor:
         """`images`: in the order of the <image> placeholders, flat or one list per row. A row with one image
         gets the anyres tiles; a row with several gets one square tile per image (the released model's
         rule; transformers decides from how the list is nested)."""
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
-        images = [im for x in images for im in (x if isinstance(x, (list, tuple)) else [x])]
-        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        texts, videos = common.as_list(text), common.as_list(videos)
+        images = [im for row in common.as_list(images) for im in common.as_list(row)]  # flat
         per_row = [t.count(IMAGE_TOKEN) for t in texts]
         for n, media, what in (
             (sum(per_row), images, IMAGE_TOKEN),
@@ -380,12 +367,10 @@ class Processor:
             several = [n > 1 for n in per_row for _ in range(n)]  # is the image one of several in its row?
             pixels, sizes = [], []
             for image, s in zip(images, several, strict=True):
-                x = to_uint8(image)
+                x = common.image_to_uint8(image)  # (3, H, W)
                 sizes.append(list(x.shape[-2:]))
                 pixels.append(square_tile(x, self.image) if s else anyres_tiles(x, self.image))
-                per_image.append(
-                    self.image.grid**2 + 1 if s else anyres_layout(*sizes[-1], self.image)["tokens"]
-                )
+                per_image.append(self.image.grid**2 + 1 if s else self.image.layout(*sizes[-1]).tokens)
             n_max = max(len(p) for p in pixels)  # pad with zero tiles to the longest image, as transformers
             pixels = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, n_max - len(p))) for p in pixels]
             out["pixel_values"] = torch.stack(pixels)  # (images, max tiles, 3, 384, 384)
@@ -439,11 +424,12 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, Dv = x.shape
-        q, k, v = (
-            p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        H = self.n_head
+        q = self.q_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.k_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.v_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh): every patch sees every patch of its tile
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))  # (B, N, Dv)
 
 
 class SiglipMLP(nn.Module):
@@ -520,8 +506,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((-x2, x1), dim=-1)  # (..., Dh)
 
 
 def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,7 +535,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
-    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
+    return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
 class KVCache(nn.Module):
@@ -656,8 +642,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     if offset == 0 and T == S and bool(keep.all()):
         return None
     s = torch.arange(S, device=keep.device)
-    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
-    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]  # (T, 1): each query's own slot
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
 # The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
@@ -690,27 +676,28 @@ class LlavaOnevision(nn.Module):
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # 0.5b: the output projection is the embedding matrix
             self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.layout_cfg = VisionInputConfig(
-            size=vc.image_size,
-            pinpoints=cfg.image_grid_pinpoints,
-            grid=vc.image_size // vc.patch_size,
-            max_tiles=cfg.max_tiles,
-        )
+        self.grid = vc.image_size // vc.patch_size  # 27 features per tile side
         self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
         self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
 
+    def layout(self, H: int, W: int) -> AnyresLayout:  # the processor's rule, from this model's config
+        vc = self.cfg.vision_config
+        return anyres_layout(
+            H, W, self.cfg.image_grid_pinpoints, vc.image_size, self.grid, self.cfg.max_tiles
+        )
+
     def pack_anyres(self, f: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """One single-image sample: f (1 + rows*cols, 729, D) projected tile features -> (tokens, D): the base
         tile, then the stitched, unpadded, maybe shrunk map row by row, a newline after each row."""
-        lay = anyres_layout(H, W, self.layout_cfg)
-        (rows, cols), G, D = lay["tiles"], self.layout_cfg.grid, f.shape[-1]
+        lay = self.layout(H, W)
+        (rows, cols), G, D = lay.tiles, self.grid, f.shape[-1]
         m = f[1:].view(rows, cols, G, G, D).permute(4, 0, 2, 1, 3).reshape(D, rows * G, cols * G)  # (D, h, w)
-        r, c = lay["crop_rows"], lay["crop_cols"]
+        r, c = lay.crop_rows, lay.crop_cols
         m = m[:, r : m.shape[1] - r, c : m.shape[2] - c]  # unpad: (D, ch, cw)
-        if lay["size"] != lay["cropped"]:  # more than max_tiles' worth: shrink (bilinear, no antialias)
-            m = F.interpolate(m[None], size=lay["size"], mode="bilinear", align_corners=False)[0]
-        newline = self.image_newline.to(m.dtype)[:, None, None].expand(D, m.shape[1], 1)
+        if lay.size != lay.cropped:  # more than max_tiles' worth: shrink (bilinear, no antialias)
+            m = F.interpolate(m[None], size=lay.size, mode="bilinear", align_corners=False)[0]  # (D, rh, rw)
+        newline = self.image_newline.to(m.dtype)[:, None, None].expand(D, m.shape[1], 1)  # (D, rh, 1)
         m = torch.cat([m, newline], dim=2)  # (D, rh, rw + 1)
         return torch.cat([f[0], m.flatten(1).T])  # (729 + rh * (rw + 1), D)
 
@@ -721,39 +708,40 @@ class LlavaOnevision(nn.Module):
         counts = [1] * len(sizes) if batch_num_images is None else batch_num_images.tolist()
         several = [n > 1 for n in counts for _ in range(n)]
         n_tiles = [
-            1 if s else math.prod(anyres_layout(H, W, self.layout_cfg)["tiles"]) + 1
+            1 if s else math.prod(self.layout(H, W).tiles) + 1
             for s, (H, W) in zip(several, sizes, strict=True)
         ]
         tiles = torch.cat([px[:n] for px, n in zip(pixel_values, n_tiles, strict=True)])  # (sum n, 3, S, S)
         feats = self.multi_modal_projector(self.vision_tower(tiles)).split(n_tiles)  # (n, 729, D) each
         out = []
         for f, s, (H, W) in zip(feats, several, sizes, strict=True):
-            out.append(
-                torch.cat([f[0], self.image_newline[None].to(f.dtype)]) if s else self.pack_anyres(f, H, W)
-            )
+            if s:  # one square tile: its 729 features, then a newline
+                out.append(torch.cat([f[0], self.image_newline[None].to(f.dtype)]))  # (730, D)
+            else:
+                out.append(self.pack_anyres(f, H, W))  # (tokens, D)
         return out
 
     def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """(videos, F, 3, S, S) -> (videos, F * 14 * 14 + 1, D): each frame's 27x27 features shrunk to 14x14
         (bilinear, after the projector), the frames one after another, one newline at the very end."""
         V, Fr = pixel_values_videos.shape[:2]
-        G = self.layout_cfg.grid
+        G = self.grid
         x = self.multi_modal_projector(self.vision_tower(pixel_values_videos.flatten(0, 1)))  # (V*F, G*G, D)
         D = x.shape[-1]
         x = x.view(V * Fr, G, G, D).permute(0, 3, 1, 2)  # (V*F, D, G, G)
-        x = F.interpolate(x, size=(math.ceil(G / 2), math.ceil(G / 2)), mode="bilinear", align_corners=False)
+        g = math.ceil(G / 2)  # 14
+        x = F.interpolate(x, size=(g, g), mode="bilinear", align_corners=False)  # (V*F, D, 14, 14)
         x = x.permute(0, 2, 3, 1).reshape(V, -1, D)  # (V, F * 14 * 14, D)
-        return torch.cat([x, self.image_newline.to(x.dtype).expand(V, 1, D)], dim=1)
+        return torch.cat([x, self.image_newline.to(x.dtype).expand(V, 1, D)], dim=1)  # (V, F * 196 + 1, D)
 
     def video_tokens(self, n_frames: int) -> int:
-        return n_frames * math.ceil(self.layout_cfg.grid / 2) ** 2 + 1  # 14 x 14 per frame + one newline
+        return n_frames * math.ceil(self.grid / 2) ** 2 + 1  # 14 x 14 per frame + one newline
 
     def expected_tokens(self, image_sizes, batch_num_images) -> list[int]:
         counts = [1] * len(image_sizes) if batch_num_images is None else batch_num_images.tolist()
         several = [n > 1 for n in counts for _ in range(n)]
-        G = self.layout_cfg.grid
         return [
-            G * G + 1 if s else anyres_layout(H, W, self.layout_cfg)["tokens"]
+            self.grid**2 + 1 if s else self.layout(H, W).tokens
             for s, (H, W) in zip(several, image_sizes.tolist(), strict=True)
         ]
 
@@ -778,11 +766,11 @@ class LlavaOnevision(nn.Module):
                     + "): pass the processor's output unchanged"
                 )
         if pixel_values is not None:
-            feats = torch.cat(self.image_features(pixel_values.to(x.dtype), image_sizes, batch_num_images))
-            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+            feats = self.image_features(pixel_values.to(x.dtype), image_sizes, batch_num_images)
+            x = x.masked_scatter(is_image[..., None], torch.cat(feats).to(x.dtype))  # (B, T, D)
         if pixel_values_videos is not None:
-            feats = self.video_features(pixel_values_videos.to(x.dtype)).flatten(0, 1)
-            x = x.masked_scatter(is_video[..., None], feats.to(x.dtype))
+            feats = self.video_features(pixel_values_videos.to(x.dtype)).flatten(0, 1)  # (videos * tokens, D)
+            x = x.masked_scatter(is_video[..., None], feats.to(x.dtype))  # (B, T, D)
         return x
 
     def forward(
@@ -846,10 +834,7 @@ class LlavaOnevision(nn.Module):
     ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -858,7 +843,7 @@ class LlavaOnevision(nn.Module):
         )
         x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
         tc = self.cfg.text_config
-        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        S_max = common.cache_length(T, max_new_tokens)
         Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
@@ -868,10 +853,7 @@ class LlavaOnevision(nn.Module):
         keep[:, :T] = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        if not bool(torch.isfinite(first).all()):
-            raise RuntimeError(
-                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
-            )
+        common.check_finite(first)
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self) if compile else self.decode_step
@@ -905,10 +887,7 @@ def rename(key: str) -> str | None:
 def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[LlavaOnevision, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
-    raw = common.read_json(ckpt / "config.json")
-    common.check_model_type(raw, "llava_onevision", "llava_onevision.py")
+    raw = common.read_config(ckpt, "llava_onevision", "llava_onevision.py")
     cfg = LlavaOnevisionConfig.from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
@@ -917,7 +896,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[LlavaOne
     tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt)
-    if (processor.image.size, processor.image.grid) != (model.layout_cfg.size, model.layout_cfg.grid):
+    if (processor.image.size, processor.image.grid) != (cfg.vision_config.image_size, model.grid):
         raise ValueError("the processor config's tile size does not match the vision tower's image_size")
     model.eos_token_ids = common.read_eos_ids(ckpt, raw)
     model.pad_token_id = processor.pad_token_id
@@ -949,8 +928,8 @@ def main(argv: list[str] | None = None) -> None:
     S = processor.image.size
     for i, im in enumerate(images):
         if len(images) == 1:
-            lay = anyres_layout(im.height, im.width, processor.image)
-            (r, c), n = lay["tiles"], lay["tokens"]
+            lay = processor.image.layout(im.height, im.width)
+            (r, c), n = lay.tiles, lay.tokens
             common.say(
                 f"image 1: {im.width}x{im.height} -> base {S}x{S} + {r}x{c} tiles of {S} -> {n} tokens"
             )

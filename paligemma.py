@@ -43,7 +43,6 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -112,8 +111,6 @@ class PaliGemmaConfig:
     text_config: TextConfig = field(default_factory=TextConfig)
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 257152  # <image>
-    pad_token_id: int = 0
-    eos_token_id: int = 1
 
     @staticmethod
     def from_hf(d: dict) -> PaliGemmaConfig:
@@ -168,8 +165,6 @@ class PaliGemmaConfig:
             text_config=text,
             vision_config=vision,
             image_token_id=d.get("image_token_index", d.get("image_token_id", 257152)),
-            pad_token_id=d.get("pad_token_id", t.get("pad_token_id", 0)),
-            eos_token_id=d.get("eos_token_id", t.get("eos_token_id", 1)),
         )
 
 
@@ -209,12 +204,12 @@ def resize_and_normalize(image, cfg: ImageInputConfig) -> torch.Tensor:
     """An image -> (3, S, S) float32 in [-1, 1]. The aspect ratio is NOT kept (nor is anything cropped).
     NOTE: the reference resizes the uint8 tensor with torchvision (antialiased, rounded back to uint8), which
     is torch's own uint8 interpolate below; then (x - 255 mean) / (255 std) in float32."""
-    x = torch.from_numpy(np.array(common.load_image(image))).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    x = common.image_to_uint8(image)[None]  # (1, 3, H, W) uint8
     S = cfg.image_size
-    x = F.interpolate(x, size=(S, S), mode=cfg.resample, antialias=True, align_corners=False)
-    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
+    x = F.interpolate(x, size=(S, S), mode=cfg.resample, antialias=True, align_corners=False)  # (1, 3, S, S)
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
     std = torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0
-    return (x[0].float() - mean) / std
+    return (x[0].float() - mean) / std  # (3, S, S) float32
 
 
 def build_prompt(prefix: str, n_images: int = 1, bos: str = "<bos>") -> str:
@@ -239,16 +234,12 @@ class Processor:
     @staticmethod
     def from_dir(ckpt: Path) -> Processor:
         """Settings from preprocessor_config.json (published) or processor_config.json (transformers 5)."""
-        d = {}
-        if (ckpt / "processor_config.json").is_file():
-            p = common.read_json(ckpt / "processor_config.json")
-            d = p.get("image_processor", {})
-        if (ckpt / "preprocessor_config.json").is_file():
-            d = common.read_json(ckpt / "preprocessor_config.json")
-        return Processor(common.Tokenizer(ckpt / "tokenizer.json"), ImageInputConfig.from_hf(d))
+        image_d = common.read_processor_configs(ckpt)[1]
+        return Processor(common.Tokenizer(ckpt / "tokenizer.json"), ImageInputConfig.from_hf(image_d))
 
     def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([resize_and_normalize(im, self.image) for im in images])}
+        x = torch.stack([resize_and_normalize(im, self.image) for im in images])  # (images, 3, 224, 224)
+        return {"pixel_values": x}
 
     def __call__(self, text=None, images=None, suffix=None, padding_side: str = "left"):
         """`text`: one prompt or one per row. Without <image> in it, each row gets the format of
@@ -257,11 +248,11 @@ class Processor:
         `suffix`: the expected answer for fine-tuning; it is appended with <eos> and becomes `labels`."""
         if images is None:
             raise ValueError("PaliGemma needs an image with every prompt (pass images=...)")
-        texts = [""] if text is None else [text] if isinstance(text, str) else list(text)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        texts = common.as_list(text) or [""]
+        images = common.as_list(images)
         rows = []
         if not any(IMAGE_TOKEN in t for t in texts):
-            per_row = [im if isinstance(im, (list, tuple)) else [im] for im in images]
+            per_row = [common.as_list(im) for im in images]
             if len(per_row) != len(texts):
                 raise ValueError(
                     f"{len(images)} images for {len(texts)} prompts: give one image (or one list "
@@ -364,11 +355,12 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, Dv = x.shape
-        q, k, v = (
-            p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        H = self.n_head
+        q = self.q_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.k_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.v_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh): every patch sees every patch
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))  # (B, N, Dv)
 
 
 class SiglipMLP(nn.Module):
@@ -452,8 +444,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((-x2, x1), dim=-1)  # (..., Dh)
 
 
 def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +483,7 @@ def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         y = s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
-    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
+    return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
 class KVCache(nn.Module):
@@ -622,12 +614,12 @@ def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = N
     unused."""
     S = keep.shape[1]
     s = torch.arange(S, device=keep.device)
-    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
-    causal = s <= t
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]  # (T, 1): each query's own slot
+    causal = s <= t  # (T, S)
     if window is not None:
         causal = causal & (s > t - window)
     both_prefix = prefix[:, offset : offset + T, None] & prefix[:, None, :]  # (B, T, S)
-    return (((causal | both_prefix) & keep[:, None, :]) | (s == t))[:, None]
+    return (((causal | both_prefix) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
 # The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
@@ -657,7 +649,8 @@ class PaliGemma(nn.Module):
         tc = cfg.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.lm_head.weight = self.language_model.embed_tokens.weight  # always tied in PaliGemma
-        self.eos_token_ids: list[int] = [cfg.eos_token_id]  # set by load() from generation_config.json
+        self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
+        self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
 
     def embed(self, input_ids, pixel_values=None) -> torch.Tensor:
@@ -711,6 +704,7 @@ class PaliGemma(nn.Module):
         if labels is None:
             return logits
         V = logits.shape[-1]
+        # Position t predicts token t + 1: logits (B, T-1, V) against labels (B, T-1), both flattened.
         loss = F.cross_entropy(
             logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100
         )
@@ -760,12 +754,9 @@ class PaliGemma(nn.Module):
         causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
         is."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = common.left_padded_mask(input_ids, attention_mask)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -774,7 +765,7 @@ class PaliGemma(nn.Module):
         )
         x = self.embed(input_ids, pixel_values)
         tc = self.cfg.text_config
-        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        S_max = common.cache_length(T, max_new_tokens)
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
             for _ in range(tc.num_hidden_layers)
@@ -791,10 +782,7 @@ class PaliGemma(nn.Module):
         else:
             masks = self.masks(keep[:, :T], prefix[:, :T], T)
         first = self.prefill(x, pos, masks, caches)  # (B, V)
-        if not bool(torch.isfinite(first).all()):
-            raise RuntimeError(
-                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
-            )
+        common.check_finite(first)
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self) if compile else self.decode_step
@@ -804,15 +792,7 @@ class PaliGemma(nn.Module):
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
-            first,
-            step,
-            input_ids,
-            attention_mask,
-            settings,
-            eos,
-            self.cfg.pad_token_id,
-            streamer,
-            self.tokenizer,
+            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
 
 
@@ -835,10 +815,7 @@ def rename(key: str) -> str | None:
 def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemma, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
-    raw = common.read_json(ckpt / "config.json")
-    common.check_model_type(raw, "paligemma", "paligemma.py")
+    raw = common.read_config(ckpt, "paligemma", "paligemma.py")
     cfg = PaliGemmaConfig.from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
@@ -858,6 +835,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemm
             f"tokens but the model takes {vc.image_size} px: the checkpoint's files do not match"
         )
     model.eos_token_ids = common.read_eos_ids(ckpt, raw)
+    model.pad_token_id = processor.pad_token_id
     model.tokenizer = processor.tokenizer
     return model.eval(), processor
 

@@ -42,7 +42,6 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -253,21 +252,22 @@ def resize_uint8(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:  # uint8 -> float32, (x - 255m) / 255s
-    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
-    return (x.float() - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
+    return (x.float() - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)  # x's shape, float32
 
 
 def thumb_and_tiles(image, cfg: VisionInputConfig) -> torch.Tensor:
     """An image -> (1 + cols*rows, 3, 448, 448): the thumbnail, then the tiles row by row."""
-    x = torch.from_numpy(np.array(common.load_image(image))).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    x = common.image_to_uint8(image)[None]  # (1, 3, H, W)
     S = cfg.tile_size
     thumb = resize_uint8(x, S, S)
     if not cfg.thumb_and_tiles:
         return normalize(thumb, cfg)
     cols, rows = choose_tile_grid(x.shape[-1], x.shape[-2], S, cfg.max_num_tiles)
     big = resize_uint8(x, rows * S, cols * S)[0]  # squashed onto the grid, aspect ratio not kept
-    tiles = big.view(3, rows, S, cols, S).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, S, S)
-    return normalize(torch.cat([thumb, tiles]), cfg)
+    tiles = big.view(3, rows, S, cols, S).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
+    tiles = tiles.reshape(rows * cols, 3, S, S)  # row by row
+    return normalize(torch.cat([thumb, tiles]), cfg)  # (1 + rows*cols, 3, S, S)
 
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image|>", "<|video|>"
@@ -292,17 +292,8 @@ class Processor:
     def from_dir(ckpt: Path) -> Processor:
         """Settings from preprocessor_config.json / video_preprocessor_config.json / processor_config.json as
         the PLM repos ship them, or the nested processor_config.json of transformers 5."""
-        p = (
-            common.read_json(ckpt / "processor_config.json")
-            if (ckpt / "processor_config.json").is_file()
-            else {}
-        )
-        image_d, video_d = p.get("image_processor", {}), p.get("video_processor") or {}
-        if (ckpt / "preprocessor_config.json").is_file():
-            image_d = common.read_json(ckpt / "preprocessor_config.json")
-        if (ckpt / "video_preprocessor_config.json").is_file():
-            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
-        video = VisionInputConfig.from_hf(dict(video_d, vision_input_type="single", max_num_tiles=1))
+        p, image_d, video_d = common.read_processor_configs(ckpt)
+        video = VisionInputConfig.from_hf(dict(video_d or {}, vision_input_type="single", max_num_tiles=1))
         return Processor(
             common.Tokenizer(ckpt / "tokenizer.json"),
             VisionInputConfig.from_hf(image_d),
@@ -345,18 +336,9 @@ class Processor:
         out = []
         for video in videos:
             frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            if isinstance(frames, np.ndarray) and frames.ndim == 4:
-                x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-            elif len(frames):
-                x = torch.stack(
-                    [torch.from_numpy(np.array(common.load_image(f))).permute(2, 0, 1) for f in frames]
-                )
-            else:
-                x = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-            if x.shape[0] == 0:
-                raise ValueError("a video with zero frames was given")
             S = self.video.tile_size
-            out.append(normalize(resize_uint8(x.contiguous(), S, S), self.video))  # every frame squashed
+            x = resize_uint8(common.frames_to_uint8(frames), S, S)  # (F, 3, 448, 448): every frame squashed
+            out.append(normalize(x, self.video))
         if len({v.shape[0] for v in out}) > 1:
             raise ValueError(
                 f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
@@ -364,9 +346,7 @@ class Processor:
         return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 448, 448)
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
-        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
         out, per_item = {}, {}
         for pad, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
             n = sum(t.count(pad) for t in texts)
@@ -425,7 +405,7 @@ def pe_rope_angles(cfg: VisionConfig) -> torch.Tensor:
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """Interleaved rotation partner: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
-    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)  # (..., Dh/2, 2) -> (..., Dh)
 
 
 class PatchEmbed(nn.Module):
@@ -435,7 +415,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, cfg.embed_dim, kernel_size=P, stride=P, bias=False)  # NOTE: no bias
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, N, Dv), row by row
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        return self.proj(pixels).flatten(2).transpose(1, 2)  # (n, Dv, G, G) -> (n, G*G, Dv)
 
 
 class PEAttention(nn.Module):
@@ -448,15 +428,11 @@ class PEAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: int) -> torch.Tensor:
         n, L, Dv = x.shape
         q, k, v = self.qkv(x).view(n, L, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # each (n, H, L, Dh)
-        # 2-D rotary positions on the patches only; the class token (the first n_prefix rows) is not rotated
-        q = torch.cat(
-            [q[:, :, :n_prefix], q[:, :, n_prefix:] * cos + rotate_pairs(q[:, :, n_prefix:]) * sin], 2
-        )
-        k = torch.cat(
-            [k[:, :, :n_prefix], k[:, :, n_prefix:] * cos + rotate_pairs(k[:, :, n_prefix:]) * sin], 2
-        )
+        p = n_prefix  # 2-D rotary positions on the patches only; the class token (row 0) is not rotated
+        q = torch.cat([q[:, :, :p], q[:, :, p:] * cos + rotate_pairs(q[:, :, p:]) * sin], 2)  # (n, H, L, Dh)
+        k = torch.cat([k[:, :, :p], k[:, :, p:] * cos + rotate_pairs(k[:, :, p:]) * sin], 2)  # (n, H, L, Dh)
         y = F.scaled_dot_product_attention(q, k, v)  # (n, H, L, Dh): bidirectional within one tile
-        return self.proj(y.transpose(1, 2).reshape(n, L, Dv))
+        return self.proj(y.transpose(1, 2).reshape(n, L, Dv))  # (n, L, Dv)
 
 
 class PEMlp(nn.Module):
@@ -505,7 +481,7 @@ class PerceptionEncoder(nn.Module):
         assert pixels.shape[-2:] == (S, S), f"tiles must be {S}x{S} (the processor makes them)"
         x = self.patch_embed(pixels)  # (n, N, Dv)
         if self.n_prefix:
-            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (n, 1 + N, Dv)
         x = self.norm_pre(x + self.pos_embed.to(x.dtype))
         angles = pe_rope_angles(self.cfg).to(x.device)  # float32
         # NOTE: timm keeps this table in the model dtype (bf16 when loaded in bf16); so do we
@@ -567,8 +543,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((-x2, x1), dim=-1)  # (..., Dh)
 
 
 def llama3_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
@@ -610,7 +586,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
-    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
+    return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
 class KVCache(nn.Module):
@@ -717,8 +693,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     if offset == 0 and T == S and bool(keep.all()):
         return None
     s = torch.arange(S, device=keep.device)
-    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
-    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]  # (T, 1): each query's own slot
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
 # The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
@@ -758,7 +734,7 @@ class PerceptionLM(nn.Module):
         x = self.vision_tower(pixels.flatten(0, 1))  # (n, [1 +] N, Dv)
         if self.cfg.vision_use_cls_token:
             x = x[:, 1:]  # NOTE: the class token's feature is dropped before the projector
-        return self.multi_modal_projector(x).flatten(0, 1)
+        return self.multi_modal_projector(x).flatten(0, 1)  # (n, 256, D) -> (n * 256, D)
 
     def tokens_per_tile(self) -> int:
         vc = self.cfg.vision_config
@@ -781,7 +757,8 @@ class PerceptionLM(nn.Module):
                     "unchanged"
                 )
             if pixels is not None:
-                x = x.masked_scatter(is_pad[..., None], self.media_features(pixels.to(x.dtype)).to(x.dtype))
+                feats = self.media_features(pixels.to(x.dtype))  # (need, D)
+                x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
         return x
 
     def forward(
@@ -836,10 +813,7 @@ class PerceptionLM(nn.Module):
     ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -848,7 +822,7 @@ class PerceptionLM(nn.Module):
         )
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         tc = self.cfg.text_config
-        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        S_max = common.cache_length(T, max_new_tokens)
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
             for _ in range(tc.num_hidden_layers)
@@ -857,10 +831,7 @@ class PerceptionLM(nn.Module):
         keep[:, :T] = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        if not bool(torch.isfinite(first).all()):
-            raise RuntimeError(
-                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
-            )
+        common.check_finite(first)
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self) if compile else self.decode_step
@@ -892,10 +863,7 @@ def rename(key: str) -> str | None:
 def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PerceptionLM, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
-    raw = common.read_json(ckpt / "config.json")
-    common.check_model_type(raw, "perception_lm", "perception_lm.py")
+    raw = common.read_config(ckpt, "perception_lm", "perception_lm.py")
     cfg = PerceptionLMConfig.from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)

@@ -42,7 +42,6 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -225,7 +224,7 @@ def resize_and_normalize(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.
     x = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # uint8
     mean = torch.tensor(cfg.image_mean) * 255.0
     std = torch.tensor(cfg.image_std) * 255.0
-    return (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # (F, 3, h, w) float32
 
 
 def patchify(x: torch.Tensor, cfg: VisionInputConfig) -> tuple[torch.Tensor, list[int]]:
@@ -237,20 +236,9 @@ def patchify(x: torch.Tensor, cfg: VisionInputConfig) -> tuple[torch.Tensor, lis
         x = torch.cat([x, x[-1:].expand(Tp - x.shape[0] % Tp, -1, -1, -1)])  # (F rounded up to even, 3, h, w)
     Fr, C, h, w = x.shape
     t, gh, gw = Fr // Tp, h // P, w // P
-    x = x.view(t, Tp, C, gh // M, M, P, gw // M, M, P)
+    x = x.view(t, Tp, C, gh // M, M, P, gw // M, M, P)  # (t, Tp, C, gh/M, M, P, gw/M, M, P)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/M, gw/M, M, M, C, Tp, P, P)
-    return x.reshape(t * gh * gw, C * Tp * P * P), [t, gh, gw]
-
-
-def to_uint8_frames(frames) -> torch.Tensor:
-    """An image (PIL, array, path), a list of frames, or an (F, H, W, 3) uint8 array -> (F, 3, H, W) uint8."""
-    if isinstance(frames, np.ndarray) and frames.ndim == 4:
-        arr = frames
-    else:
-        arr = np.stack(
-            [np.asarray(common.load_image(f)) for f in (frames if isinstance(frames, list) else [frames])]
-        )
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return x.reshape(t * gh * gw, C * Tp * P * P), [t, gh, gw]  # (N, C*Tp*P*P) = (N, 1176)
 
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -279,19 +267,8 @@ class Processor:
         """Settings from processor_config.json (transformers 5) or preprocessor_config.json and, if present,
         video_preprocessor_config.json (published repos). Without a video file, videos use the image file's
         values over the video defaults, as transformers 5.23 does."""
-        image_d, video_d = {}, None
-        if (ckpt / "processor_config.json").is_file():
-            p = common.read_json(ckpt / "processor_config.json")
-            image_d, video_d = p.get("image_processor", {}), p.get("video_processor")
-        if (ckpt / "preprocessor_config.json").is_file():
-            image_d = common.read_json(ckpt / "preprocessor_config.json")
-        if (ckpt / "video_preprocessor_config.json").is_file():
-            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
-        tok_cfg = (
-            common.read_json(ckpt / "tokenizer_config.json")
-            if (ckpt / "tokenizer_config.json").is_file()
-            else {}
-        )
+        p, image_d, video_d = common.read_processor_configs(ckpt)
+        tok_cfg = common.read_json_if_present(ckpt / "tokenizer_config.json") or {}
         pad = tok_cfg.get("pad_token") or "<|endoftext|>"
         return Processor(
             common.Tokenizer(ckpt / "tokenizer.json"),
@@ -339,11 +316,12 @@ class Processor:
     def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
         rows, grids = [], []
         for image in images:
-            x = resize_and_normalize(to_uint8_frames(image), self.image)
+            x = resize_and_normalize(common.image_to_uint8(image)[None], self.image)  # (1, 3, h, w)
             patches, grid = patchify(x, self.image)  # the single frame is repeated to a temporal pair
             rows.append(patches)
             grids.append(grid)
-        return {"pixel_values": torch.cat(rows), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        grid = torch.tensor(grids, dtype=torch.long)  # (n, 3) as (t, h, w) in patches
+        return {"pixel_values": torch.cat(rows), "image_grid_thw": grid}  # pixel_values (N, 1176)
 
     def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
         """Frames sampled explicitly (never every frame by accident): `num_frames` (rounded to even), or `fps`
@@ -361,21 +339,17 @@ class Processor:
         rows, grids = [], []
         for video in videos:
             frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            frames = to_uint8_frames(frames)
-            if frames.shape[0] == 0:
-                raise ValueError("a video with zero frames was given")
-            patches, grid = patchify(resize_and_normalize(frames, self.video), self.video)
+            x = resize_and_normalize(common.frames_to_uint8(frames), self.video)  # (F, 3, h, w)
+            patches, grid = patchify(x, self.video)
             rows.append(patches)
             grids.append(grid)
         return {
-            "pixel_values_videos": torch.cat(rows),
-            "video_grid_thw": torch.tensor(grids, dtype=torch.long),
+            "pixel_values_videos": torch.cat(rows),  # (N, 1176)
+            "video_grid_thw": torch.tensor(grids, dtype=torch.long),  # (videos, 3)
         }
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
-        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
         out: dict[str, torch.Tensor] = {}
         counts = {IMAGE_PAD: [], VIDEO_PAD: []}  # placeholder tokens per image / per video
         for media, prep, grid_key, pad in (
@@ -415,8 +389,8 @@ class Processor:
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((-x2, x1), dim=-1)  # (..., Dh)
 
 
 def vision_rope_angles(grids: list[list[int]], head_dim: int, theta: float, merge: int) -> torch.Tensor:
@@ -424,12 +398,12 @@ def vision_rope_angles(grids: list[list[int]], head_dim: int, theta: float, merg
     written twice for the half-split rotation. Rows/columns are listed in the processor's merge-window order
     and repeated for each temporal pair of a video."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
-    pos = []
+    pos, m = [], merge
     for t, h, w in grids:
-        hh = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
-        ww = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        hh = torch.arange(h).view(h // m, m, 1, 1).expand(-1, -1, w // m, m)  # (h/m, m, w/m, m): row
+        ww = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, -1, -1)  # (h/m, m, w/m, m): column
         hw = torch.stack([hh.transpose(1, 2).flatten(), ww.transpose(1, 2).flatten()], dim=-1)  # (h*w, 2)
-        pos.append(hw.repeat(t, 1))
+        pos.append(hw.repeat(t, 1))  # (t*h*w, 2)
     angles = (torch.cat(pos)[..., None].float() * inv_freq).flatten(1)  # (N, 2 * Dh/4) as [h freqs, w freqs]
     return torch.cat([angles, angles], dim=-1)  # (N, Dh)
 
@@ -448,7 +422,7 @@ class VisionAttention(nn.Module):
         H = self.n_head
         q, k, v = self.qkv(x).view(N, 3, H, Dv // H).unbind(1)  # each (N, H, Dh)
         # NOTE: the rotation is applied in float32 even for bf16 weights (as the reference does).
-        c, s = cos[:, None], sin[:, None]
+        c, s = cos[:, None], sin[:, None]  # (N, 1, Dh): the same angle for every head
         q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
         k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
         y = torch.empty_like(q)
@@ -457,8 +431,9 @@ class VisionAttention(nn.Module):
         for start, n, L in runs:
             sl = slice(start, start + n * L)
             qs, ks, vs = (z[sl].view(n, L, H, -1).transpose(1, 2) for z in (q, k, v))  # (n, H, L, Dh)
-            y[sl] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(n * L, H, -1)
-        return self.proj(y.reshape(N, Dv))
+            o = F.scaled_dot_product_attention(qs, ks, vs)  # (n, H, L, Dh)
+            y[sl] = o.transpose(1, 2).reshape(n * L, H, -1)  # (n*L, H, Dh)
+        return self.proj(y.reshape(N, Dv))  # (N, Dv)
 
 
 class VisionMlp(nn.Module):
@@ -493,7 +468,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C*Tp*P*P) -> (N, Dv)
         # A Conv3d whose kernel equals its stride, on exactly one kernel-sized input, is a matrix product.
-        return F.linear(x, self.proj.weight.flatten(1))
+        return F.linear(x, self.proj.weight.flatten(1))  # weight (Dv, C, Tp, P, P) -> (Dv, C*Tp*P*P)
 
 
 class VisionTransformer(nn.Module):
@@ -535,7 +510,8 @@ class PatchMerger(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Dv) -> (N/4, D)
-        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))  # 4 consecutive rows = one 2x2 window
+        x = self.ln_q(x).view(-1, self.mlp[0].in_features)  # (N/4, 4*Dv): 4 consecutive rows = one 2x2 window
+        return self.mlp(x)  # (N/4, D)
 
 
 # ==========================================================================================================
@@ -564,7 +540,7 @@ def mrope_cos_sin(
     Dh = cfg.hidden_size // cfg.num_attention_heads
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float, device=pos.device) / Dh)
     angles = pos[..., None].float() * inv_freq  # (3, B, T, Dh/2), computed in float32
-    parts = angles.split(list(cfg.mrope_section), dim=-1)
+    parts = angles.split(list(cfg.mrope_section), dim=-1)  # 3 chunks of (3, B, T, 16 | 24 | 24)
     angles = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
     return angles.cos().to(dtype), angles.sin().to(dtype)  # NOTE: cast to the model dtype before use
@@ -586,7 +562,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
-    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
+    return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
 class KVCache(nn.Module):
@@ -718,7 +694,7 @@ def get_rope_index(
                 j = i
                 while j < len(row) and row[j] == 0:
                     j += 1
-                out.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                out.append(torch.arange(cur, cur + j - i).expand(3, -1))  # (3, run): same on all 3 axes
                 cur, i = cur + j - i, j
                 continue
             t, h, w = next(grids[row[i]])
@@ -728,9 +704,9 @@ def get_rope_index(
                 "each vision block must have one placeholder per merged token"
             )
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-            out.append(cur + torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]))
+            out.append(cur + torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]))  # (3, t*gh*gw)
             cur, i = cur + max(t, gh, gw), i + n
-        p = torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)
+        p = torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)  # (3, real tokens of row b)
         pos[:, b, keep[b]] = p
         delta[b] = (int(p.max()) + 1 if len(row) else 0) - len(row)
     return pos, delta
@@ -750,8 +726,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     if offset == 0 and T == S and bool(keep.all()):
         return None
     s = torch.arange(S, device=keep.device)
-    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
-    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]  # (T, 1): each query's own slot
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
 # The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
@@ -803,7 +779,7 @@ class Qwen2VL(nn.Module):
                 )
             if pixels is not None:
                 feats = self.visual(pixels.to(x.dtype), grid.cpu())  # (need, D)
-                x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))
+                x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
         return x
 
     def positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw):
@@ -878,10 +854,7 @@ class Qwen2VL(nn.Module):
     ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -896,7 +869,7 @@ class Qwen2VL(nn.Module):
         )
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         tc = self.cfg.text_config
-        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        S_max = common.cache_length(T, max_new_tokens)
         caches = [
             KVCache(
                 B, tc.num_key_value_heads, S_max, tc.hidden_size // tc.num_attention_heads, x.device, x.dtype
@@ -906,10 +879,7 @@ class Qwen2VL(nn.Module):
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
         keep[:, :T] = attention_mask.bool()
         first = self.prefill(x, pos3, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        if not bool(torch.isfinite(first).all()):
-            raise RuntimeError(
-                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
-            )
+        common.check_finite(first)
         n_real = attention_mask.sum(1)  # (B,)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self) if compile else self.decode_step
@@ -943,10 +913,7 @@ def rename(key: str) -> str | None:
 def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
-    raw = common.read_json(ckpt / "config.json")
-    common.check_model_type(raw, "qwen2_vl", "qwen2_vl.py")
+    raw = common.read_config(ckpt, "qwen2_vl", "qwen2_vl.py")
     cfg = Qwen2VLConfig.from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)

@@ -85,7 +85,6 @@ class VideoLlavaConfig:
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 32000  # <image>
     video_token_id: int = 32001  # <video>
-    pad_token_id: int = 32002
     vision_feature_layer: int = -2  # the penultimate layer's output
     tie_word_embeddings: bool = False
 
@@ -142,7 +141,6 @@ class VideoLlavaConfig:
             vision_config=vision,
             image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
             video_token_id=d.get("video_token_index", d.get("video_token_id", 32001)),
-            pad_token_id=d.get("pad_token_id", t.get("pad_token_id", 32002)) or 0,
             vision_feature_layer=d.get("vision_feature_layer", -2),
             tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
         )
@@ -194,7 +192,7 @@ def preprocess_image(image, cfg: VisionInputConfig) -> torch.Tensor:
     top, left = (h - C) // 2, (w - C) // 2
     x = (x[top : top + C, left : left + C].astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.array(cfg.image_mean, np.float32)) / np.array(cfg.image_std, np.float32)
-    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, 224, 224)
 
 
 def preprocess_frames(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
@@ -202,11 +200,13 @@ def preprocess_frames(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Ten
     tensor with torchvision (antialiased bicubic, back to uint8): exactly torch's uint8 interpolate; the crop
     offsets are rounded, (x - 255 mean) / (255 std) in float32."""
     h, w = shortest_edge_size(frames.shape[-2], frames.shape[-1], cfg.shortest_edge)
-    x = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    x = F.interpolate(
+        frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False
+    )  # (F, 3, h, w)
     C = cfg.crop
     top, left = int(round((h - C) / 2.0)), int(round((w - C) / 2.0))
-    x = x[..., top : top + C, left : left + C].float()
-    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0
+    x = x[..., top : top + C, left : left + C].float()  # (F, 3, 224, 224)
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
     return (x - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)
 
 
@@ -231,16 +231,7 @@ class Processor:
     def from_dir(ckpt: Path, patch: int = 14) -> Processor:
         """Settings from preprocessor_config.json (+ video_preprocessor_config.json) as published, or the
         nested processor_config.json of transformers 5. Without a video config the image values are used."""
-        p = (
-            common.read_json(ckpt / "processor_config.json")
-            if (ckpt / "processor_config.json").is_file()
-            else {}
-        )
-        image_d, video_d = p.get("image_processor", {}), p.get("video_processor")
-        if (ckpt / "preprocessor_config.json").is_file():
-            image_d = common.read_json(ckpt / "preprocessor_config.json")
-        if (ckpt / "video_preprocessor_config.json").is_file():
-            video_d = common.read_json(ckpt / "video_preprocessor_config.json")
+        p, image_d, video_d = common.read_processor_configs(ckpt)
         return Processor(
             common.Tokenizer(ckpt / "tokenizer.json"),
             VisionInputConfig.from_hf(image_d),
@@ -289,16 +280,7 @@ class Processor:
         out = []
         for video in videos:
             frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            if isinstance(frames, np.ndarray) and frames.ndim == 4:
-                x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-            elif len(frames):
-                x = torch.stack(
-                    [torch.from_numpy(np.array(common.load_image(f))).permute(2, 0, 1) for f in frames]
-                )
-            else:
-                x = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-            if x.shape[0] == 0:
-                raise ValueError("a video with zero frames was given")
+            x = common.frames_to_uint8(frames)  # (F, 3, H, W)
             if x.shape[0] != TRAINED_FRAMES:
                 warnings.warn(
                     f"a video of {x.shape[0]} frames: Video-LLaVA was trained on {TRAINED_FRAMES}",
@@ -312,9 +294,7 @@ class Processor:
         return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 224, 224)
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        texts = [text] if isinstance(text, str) else list(text)
-        images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
-        videos = [] if videos is None else videos if isinstance(videos, (list, tuple)) else [videos]
+        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
         out = {}
         for pad, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
             n = sum(t.count(pad) for t in texts)
@@ -325,7 +305,8 @@ class Processor:
                 )
         per_tile = (self.image.crop // self.patch) ** 2  # 256 patches; a video frame adds its CLS: 257
         if images:
-            out["pixel_values_images"] = torch.stack([preprocess_image(im, self.image) for im in images])
+            x = torch.stack([preprocess_image(im, self.image) for im in images])  # (images, 3, 224, 224)
+            out["pixel_values_images"] = x
         if videos:
             out.update(self.preprocess_videos(videos))
         n_video = 0 if not videos else out["pixel_values_videos"].shape[1] * (per_tile + 1)
@@ -362,8 +343,8 @@ class ClipEmbeddings(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, 1 + N, Dv)
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (n, N, Dv), patches row by row
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (n, 1, Dv)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (n, 1 + N, Dv)
 
 
 class ClipAttention(nn.Module):
@@ -376,11 +357,12 @@ class ClipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, Dv = x.shape
-        q, k, v = (
-            p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        H = self.n_head
+        q = self.q_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.k_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.v_proj(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh): bidirectional over CLS + patches
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, Dv))  # (B, N, Dv)
 
 
 class ClipMLP(nn.Module):
@@ -458,8 +440,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((-x2, x1), dim=-1)  # (..., Dh)
 
 
 def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,7 +469,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
-    return y.view(B, H, T, Dh)  # the groups unfolded back into heads
+    return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
 class KVCache(nn.Module):
@@ -594,8 +576,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     if offset == 0 and T == S and bool(keep.all()):
         return None
     s = torch.arange(S, device=keep.device)
-    t = torch.arange(offset, offset + T, device=keep.device)[:, None]
-    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]
+    t = torch.arange(offset, offset + T, device=keep.device)[:, None]  # (T, 1): each query's own slot
+    return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
 # The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
@@ -627,6 +609,7 @@ class VideoLlava(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.eos_token_ids: list[int] = []  # set by load() from generation_config.json
+        self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, 256, D)
@@ -636,20 +619,17 @@ class VideoLlava(nn.Module):
         V = pixel_values_videos.shape[0]
         x = self.video_tower(pixel_values_videos.flatten(0, 1))  # (V*F, 257, Dv): frames keep their CLS
         y = self.multi_modal_projector(x)  # (V*F, 257, D)
-        return y.reshape(V, -1, y.shape[-1])  # frame 0's 257 tokens, then frame 1's, ...
+        return y.reshape(V, -1, y.shape[-1])  # (V, F * 257, D): frame 0's 257 tokens, then frame 1's, ...
 
     def embed(self, input_ids, pixel_values=None, pixel_values_videos=None) -> torch.Tensor:
         """Token embeddings with the image and video features written over their placeholders, in order."""
         x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         G = self.cfg.vision_config.image_size // self.cfg.vision_config.patch_size
-        for what, pixels, token_id, per_item in (
-            ("image", pixel_values, self.cfg.image_token_id, G * G),
-            (
-                "video",
-                pixel_values_videos,
-                self.cfg.video_token_id,
-                (G * G + 1) * (0 if pixel_values_videos is None else pixel_values_videos.shape[1]),
-            ),
+        n_frames = 0 if pixel_values_videos is None else pixel_values_videos.shape[1]
+        per_image, per_video = G * G, (G * G + 1) * n_frames  # 256 patches; a frame keeps its CLS: 257
+        for what, pixels, token_id, features, per_item in (
+            ("image", pixel_values, self.cfg.image_token_id, self.image_features, per_image),
+            ("video", pixel_values_videos, self.cfg.video_token_id, self.video_features, per_video),
         ):
             is_pad = input_ids == token_id
             need = 0 if pixels is None else pixels.shape[0] * per_item
@@ -659,8 +639,8 @@ class VideoLlava(nn.Module):
                     "features (256 per image, 257 per video frame): pass the processor's output unchanged"
                 )
             if pixels is not None:
-                feats = self.image_features if what == "image" else self.video_features
-                x = x.masked_scatter(is_pad[..., None], feats(pixels.to(x.dtype)).to(x.dtype))
+                feats = features(pixels.to(x.dtype))  # (items, per_item, D)
+                x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
         return x
 
     def forward(
@@ -722,10 +702,7 @@ class VideoLlava(nn.Module):
     ) -> torch.Tensor:
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
+        attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -736,7 +713,7 @@ class VideoLlava(nn.Module):
             input_ids, pixel_values_images if pixel_values is None else pixel_values, pixel_values_videos
         )
         tc = self.cfg.text_config
-        S_max = -(-(T + max_new_tokens) // 16) * 16  # a tight cache, rounded up to 16 slots
+        S_max = common.cache_length(T, max_new_tokens)
         Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
@@ -746,10 +723,7 @@ class VideoLlava(nn.Module):
         keep[:, :T] = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        if not bool(torch.isfinite(first).all()):
-            raise RuntimeError(
-                "the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32"
-            )
+        common.check_finite(first)
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self) if compile else self.decode_step
@@ -759,15 +733,7 @@ class VideoLlava(nn.Module):
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
         return common.generate_loop(
-            first,
-            step,
-            input_ids,
-            attention_mask,
-            settings,
-            eos,
-            self.cfg.pad_token_id,
-            streamer,
-            self.tokenizer,
+            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
 
 
@@ -791,10 +757,7 @@ def rename(key: str) -> str | None:
 def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLlava, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no config.json: is it a checkpoint directory?")
-    raw = common.read_json(ckpt / "config.json")
-    common.check_model_type(raw, "video_llava", "video_llava.py")
+    raw = common.read_config(ckpt, "video_llava", "video_llava.py")
     cfg = VideoLlavaConfig.from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
@@ -804,6 +767,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLla
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt, cfg.vision_config.patch_size)
     model.eos_token_ids = common.read_eos_ids(ckpt, raw)
+    model.pad_token_id = processor.pad_token_id
     model.tokenizer = processor.tokenizer
     return model.eval(), processor
 

@@ -76,10 +76,10 @@ def hf_inputs(hproc, text, images, videos, nested):
 
 def test_shrink_and_unpad_are_exercised(ours):
     cfg = ours[1].image
-    lay = lo.anyres_layout(*IMAGE_SIZES["shrunk"], cfg)
-    assert lay["tiles"] == (4, 4) and lay["size"] != lay["cropped"]  # the 9-tile shrink runs
-    lay = lo.anyres_layout(*IMAGE_SIZES["very_wide"], cfg)
-    assert lay["crop_rows"] > 0 and lay["size"] == lay["cropped"]  # letterbox rows are cut away
+    lay = cfg.layout(*IMAGE_SIZES["shrunk"])
+    assert lay.tiles == (4, 4) and lay.size != lay.cropped  # the 9-tile shrink runs
+    lay = cfg.layout(*IMAGE_SIZES["very_wide"])
+    assert lay.crop_rows > 0 and lay.size == lay.cropped  # letterbox rows are cut away
 
 
 @pytest.mark.parametrize("name", list(IMAGE_SIZES))
