@@ -1,6 +1,5 @@
 """Qwen2-VL against transformers 5.23 on tiny random checkpoints (fp32, CPU)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -218,12 +217,8 @@ def test_greedy_generation_matches(ours, ref, name):
 def test_batch_equals_one_by_one(ours):
     model, proc = ours
     texts, images = batch_prompts(proc)
-    per_row = [[], [images[0]], images[1:]]
-    batch = proc(text=texts, images=images, videos=[VIDEO])
-    out = model.generate(**batch, max_new_tokens=12, eos_token_ids=[])
-    for b, (text, imgs) in enumerate(zip(texts, per_row)):
-        single = proc(text=text, images=imgs or None, videos=[VIDEO] if b == 2 else None)
-        assert out[b].tolist() == model.generate(**single, max_new_tokens=12, eos_token_ids=[])[0].tolist()
+    rows = [(texts[0], [], []), (texts[1], [images[0]], []), (texts[2], images[1:], [VIDEO])]
+    tiny.assert_batch_equals_one_by_one(model, proc, rows)
 
 
 def test_cache_equals_full_forward(ours, monkeypatch):
@@ -278,25 +273,24 @@ def test_positions_after_long_video_follow_released_model(ours, ref):
 
 
 def test_sampling_is_seeded(ours):
-    got = ours[1](text=ours[1].apply_chat_template(user("image")), images=[image("photo")])
-    kw = dict(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9, eos_token_ids=[])
-    a = ours[0].generate(**got, seed=1, **kw)
-    assert torch.equal(a, ours[0].generate(**got, seed=1, **kw))
-    assert not torch.equal(a, ours[0].generate(**got, seed=2, **kw))
+    model, proc = ours
+    tiny.assert_sampling_is_seeded(
+        model, proc(text=proc.apply_chat_template(user("image")), images=[image("photo")])
+    )
 
 
 @pytest.mark.parametrize("name", ["Qwen2-VL-2B-Instruct", "Qwen2-VL-7B-Instruct"])
 def test_real_config_shapes(name):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    d = json.loads((DATA / f"{name}.config.json").read_text())
-    with torch.device("meta"):
-        mine = qwen2_vl.Qwen2VL(qwen2_vl.Qwen2VLConfig.from_hf(d))
-        theirs = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**d))
-    want = {qwen2_vl.rename(k): v.shape for k, v in theirs.state_dict().items()}
-    got = {k: v.shape for k, v in mine.state_dict().items()}
-    assert got == want
-    assert sum(p.numel() for p in mine.parameters()) == sum(p.numel() for p in theirs.parameters())
+    mine, theirs = tiny.real_config_pair(
+        DATA / f"{name}.config.json",
+        qwen2_vl.Qwen2VL,
+        qwen2_vl.Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLConfig,
+    )
+    tiny.assert_same_parameters(mine, theirs, qwen2_vl.rename)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,30 +300,15 @@ def test_real_config_shapes(name):
 def test_cli_streams_the_generated_text(dirs, ours, tmp_path):
     path = tmp_path / "photo.png"
     image("photo").save(path)
-    cmd = [
-        sys.executable,
-        str(ROOT / "qwen2_vl.py"),
-        "--model",
-        str(dirs["hub"]),
-        "--image",
-        str(path),
-        "--prompt",
-        "Describe this image.",
-        "--max-new-tokens",
-        "12",
-        "--device",
-        "cpu",
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    args = ["--model", str(dirs["hub"]), "--image", str(path), "--prompt", "Describe this image."]
+    stdout, summary = tiny.run_cli("qwen2_vl.py", *args, "--max-new-tokens", "12")
     model, proc = ours
     inputs = proc(
         text=proc.apply_chat_template(user("image", text="Describe this image.")),
         images=[common.load_image(path)],
     )
     ids = model.generate(**inputs, max_new_tokens=12)
-    assert run.stdout == proc.decode(ids[0]) + "\n"
-    summary = json.loads(run.stderr.strip().splitlines()[-1])
+    assert stdout == proc.decode(ids[0]) + "\n"
     assert summary["visual_tokens"] == int(inputs["image_grid_thw"].prod()) // 4
     assert summary["prompt_tokens"] == inputs["input_ids"].shape[1]
 
@@ -354,11 +333,6 @@ def test_cli_reports_bad_input_cleanly(dirs, tmp_path):
 
 def test_bad_inputs(dirs, ours, tmp_path):
     model, proc = ours
-    with pytest.raises(FileNotFoundError, match="image file not found"):
-        proc(text="<|image_pad|>", images=[str(tmp_path / "missing.jpg")])
-    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 20)
-    with pytest.raises(ValueError, match="not a readable image"):
-        proc(text="<|image_pad|>", images=[str(tmp_path / "corrupt.jpg")])
     sys.path.insert(0, str(ROOT / "examples"))
     import make_video
 
@@ -379,10 +353,5 @@ def test_bad_inputs(dirs, ours, tmp_path):
     right = proc(text=["hi", "a longer prompt"], padding_side="right")
     with pytest.raises(ValueError, match="left padding"):
         model.generate(**right, max_new_tokens=2)
-    pg = tmp_path / "paligemma"
-    pg.mkdir()
-    (pg / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
-    with pytest.raises(ValueError, match="paligemma.py"):
-        qwen2_vl.load(pg)
     with pytest.raises(ValueError, match="unsupported dtype"):
         qwen2_vl.load(dirs["hf5"], dtype="int8")

@@ -15,12 +15,17 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchvision_for_reference() -> str:
@@ -74,6 +79,57 @@ def cache_vs_full_forward(
     with torch.no_grad():
         logits = model(**full)
     return [max_diff(step, logits[:, T - 1 + i]) for i, step in enumerate(seen)]
+
+
+def reference_inputs(hproc, **kw) -> dict:
+    """transformers' processor on the same prompts and media, left-padded, as a plain dict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(hproc(**kw, padding=True, padding_side="left", return_tensors="pt"))
+
+
+def assert_batch_equals_one_by_one(model, proc, rows: list[tuple], n: int = 12) -> None:
+    """rows: (prompt, images, videos) each. Generating all rows as one left-padded batch gives every row the
+    tokens it gets alone."""
+    images = [im for _, row_images, _ in rows for im in row_images]
+    videos = [v for _, _, row_videos in rows for v in row_videos]
+    batch = proc(text=[r[0] for r in rows], images=images or None, videos=videos or None)
+    out = model.generate(**batch, max_new_tokens=n, eos_token_ids=[])
+    for b, (text, row_images, row_videos) in enumerate(rows):
+        one = proc(text=text, images=row_images or None, videos=row_videos or None)
+        assert out[b].tolist() == model.generate(**one, max_new_tokens=n, eos_token_ids=[])[0].tolist(), b
+
+
+def assert_sampling_is_seeded(model, inputs: dict) -> None:
+    """The same seed samples the same tokens; another seed other tokens."""
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9, eos_token_ids=[])
+    a = model.generate(**inputs, seed=1, **kw)
+    assert torch.equal(a, model.generate(**inputs, seed=1, **kw))
+    assert not torch.equal(a, model.generate(**inputs, seed=2, **kw))
+
+
+def real_config_pair(config: Path, ours, ours_config, theirs, theirs_config):
+    """Our model and transformers' built on the meta device from one published config.json."""
+    d = json.loads(config.read_text())
+    with torch.device("meta"):
+        return ours(ours_config.from_hf(d)), theirs(theirs_config(**d))
+
+
+def assert_same_parameters(mine, theirs, rename, unused: str | None = None) -> None:
+    """After `rename`, the same keys with the same shapes, and as many parameters (less transformers' ones
+    whose name contains `unused`, which the model never runs)."""
+    want = {rename(k): v.shape for k, v in theirs.state_dict().items() if rename(k)}
+    assert {k: v.shape for k, v in mine.state_dict().items()} == want
+    extra = sum(p.numel() for k, p in theirs.named_parameters() if unused and unused in k)
+    assert sum(p.numel() for p in mine.parameters()) == sum(p.numel() for p in theirs.parameters()) - extra
+
+
+def run_cli(script: str, *args: str) -> tuple[str, dict]:
+    """Runs a model file's command line in a subprocess on the CPU -> (stdout, the JSON summary)."""
+    cmd = [sys.executable, str(ROOT / script), *args, "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout, json.loads(next(x for x in reversed(run.stderr.splitlines()) if x.startswith("{")))
 
 
 def read_chat_template(ckpt: Path) -> str | None:
@@ -157,6 +213,42 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, shards: int = 1
         save_file(part, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def write_json(path: Path, content) -> None:
+    path.write_text(json.dumps(content, indent=2))
+
+
+def vocab_size(ckpt: Path) -> int:
+    """How many tokens the tokenizer.json in `ckpt` has."""
+    return len(json.loads((ckpt / "tokenizer.json").read_text())["model"]["vocab"])
+
+
+def new_checkpoint(root: Path, name: str, layouts: tuple[str, ...]) -> dict[str, Path]:
+    """One directory per layout of the same weights; "hf5" (what transformers saves) is made first."""
+    dirs = {k: root / f"{name}_{k}" for k in layouts}
+    dirs["hf5"].mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def save_reference(model, hf5: Path, generation: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The randomized transformers model saved by `save_pretrained`, plus generation_config.json; returns what
+    was written: (config.json as a dict, the tensors by key)."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(hf5)
+    write_json(hf5 / "generation_config.json", generation)
+    return json.loads((hf5 / "config.json").read_text()), load_file(str(hf5 / "model.safetensors"))
+
+
+def other_layout(hf5: Path, out: Path, files: dict[str, dict], copy: tuple[str, ...] = ()) -> None:
+    """Another directory of the same checkpoint: hf5's tokenizer and generation files (and `copy`) copied,
+    then `files` (file name -> JSON content) written."""
+    out.mkdir(exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", *copy):
+        shutil.copy(hf5 / f, out / f)
+    for name, content in files.items():
+        write_json(out / name, content)
 
 
 def synthetic_image(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
@@ -265,22 +357,11 @@ def build_qwen2_vl(root: Path, size: str = "tiny") -> dict[str, Path]:
         Qwen2VLVideoProcessor,
     )
 
-    dirs = {k: root / f"qwen2_vl_{k}" for k in ("hf5", "hub", "v4_52")}
+    dirs = new_checkpoint(root, "qwen2_vl", ("hf5", "hub", "v4_52"))
     hf5 = dirs["hf5"]
-    hf5.mkdir(parents=True, exist_ok=True)
     ids = make_tokenizer(hf5, QWEN_SPECIALS)
-    vocab = json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]
-    (hf5 / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "Qwen2Tokenizer",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "unk_token": None,
-                "bos_token": None,
-            }
-        )
-    )
+    tok_cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    write_json(hf5 / "tokenizer_config.json", dict(tok_cfg, unk_token=None, bos_token=None))
     tokenizer = AutoTokenizer.from_pretrained(hf5)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(
@@ -294,9 +375,8 @@ def build_qwen2_vl(root: Path, size: str = "tiny") -> dict[str, Path]:
     )
     processor.save_pretrained(hf5)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(qwen2_vl_hf_config(ids, len(vocab), size)).eval()
+    model = Qwen2VLForConditionalGeneration(qwen2_vl_hf_config(ids, vocab_size(hf5), size)).eval()
     randomize_(model)
-    model.save_pretrained(hf5)
     gen = {
         "bos_token_id": ids["<|endoftext|>"],
         "pad_token_id": ids["<|endoftext|>"],
@@ -307,12 +387,7 @@ def build_qwen2_vl(root: Path, size: str = "tiny") -> dict[str, Path]:
         "top_p": 0.001,
         "top_k": 1,
     }  # as the published file (near-greedy)
-    (hf5 / "generation_config.json").write_text(json.dumps(gen))
-
-    saved = json.loads((hf5 / "config.json").read_text())
-    from safetensors.torch import load_file
-
-    state = load_file(str(hf5 / "model.safetensors"))
+    saved, state = save_reference(model, hf5, gen)
     # The published flat config.json, written the way the Qwen repos ship it.
     t = saved["text_config"]
     flat = {
@@ -360,30 +435,24 @@ def build_qwen2_vl(root: Path, size: str = "tiny") -> dict[str, Path]:
         "spatial_patch_size": 14,
         "temporal_patch_size": 2,
     }
-    for name in ("hub", "v4_52"):
-        d = dirs[name]
-        d.mkdir(exist_ok=True)
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            (d / f).write_text((hf5 / f).read_text())
-        (d / "preprocessor_config.json").write_text(
-            json.dumps(
-                {
-                    "min_pixels": QWEN_IMAGE_PIXELS[0],
-                    "max_pixels": QWEN_IMAGE_PIXELS[1],
-                    "patch_size": 14,
-                    "temporal_patch_size": 2,
-                    "merge_size": 2,
-                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                    "image_std": [0.26862954, 0.26130258, 0.27577711],
-                    "image_processor_type": "Qwen2VLImageProcessor",
-                    "processor_class": "Qwen2VLProcessor",
-                }
-            )
-        )
-        (d / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
-    (dirs["hub"] / "config.json").write_text(json.dumps(flat, indent=2))
+    preprocessor = {
+        "min_pixels": QWEN_IMAGE_PIXELS[0],
+        "max_pixels": QWEN_IMAGE_PIXELS[1],
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+    }
+    common_files = {
+        "preprocessor_config.json": preprocessor,
+        "chat_template.json": {"chat_template": QWEN_TEMPLATE},
+    }
+    other_layout(hf5, dirs["hub"], dict(common_files, **{"config.json": flat}))
     write_safetensors(state, dirs["hub"], shards=2)
-    (dirs["v4_52"] / "config.json").write_text(json.dumps(saved, indent=2))
+    other_layout(hf5, dirs["v4_52"], dict(common_files, **{"config.json": saved}))
     v452 = {
         re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", k)): t
         for k, t in state.items()
@@ -490,26 +559,14 @@ def build_paligemma(root: Path, version: int = 1, size: str = "tiny") -> dict[st
         SiglipImageProcessor,
     )
 
-    dirs = {k: root / f"paligemma{version}_{size}_{k}" for k in ("hf5", "hub")}
+    dirs = new_checkpoint(root, f"paligemma{version}_{size}", ("hf5", "hub"))
     px = PALIGEMMA_SIZES[size][2]
     hf5 = dirs["hf5"]
-    hf5.mkdir(parents=True, exist_ok=True)
     ids = make_gemma_tokenizer(hf5)
-    (hf5 / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "GemmaTokenizer",
-                "bos_token": "<bos>",
-                "eos_token": "<eos>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
-                "add_bos_token": False,
-                "add_eos_token": False,
-                "padding_side": "left",
-            }
-        )
-    )
-    vocab = len(json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]) + len(LOC_SEG)
+    tok_cfg = dict(tokenizer_class="GemmaTokenizer", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok_cfg.update(unk_token="<unk>", add_bos_token=False, add_eos_token=False, padding_side="left")
+    write_json(hf5 / "tokenizer_config.json", tok_cfg)
+    vocab = vocab_size(hf5) + len(LOC_SEG)
     image_processor = SiglipImageProcessor(size={"height": px, "width": px})
     image_processor.image_seq_length = (px // 14) ** 2
     processor = PaliGemmaProcessor(
@@ -527,36 +584,20 @@ def build_paligemma(root: Path, version: int = 1, size: str = "tiny") -> dict[st
                 p.mul_(EMBED_STD / 0.05)
             elif "language_model.model.layers" in name or "language_model.layers" in name:
                 p.mul_(LAYER_GAIN)  # layers strong enough that the next token is not a copy of the last
-    model.save_pretrained(hf5)
-    (hf5 / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0})
-    )
-
-    saved = json.loads((hf5 / "config.json").read_text())
-    from safetensors.torch import load_file
-
-    state = load_file(str(hf5 / "model.safetensors"))
-    hub = dirs["hub"]
-    hub.mkdir(exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (hub / f).write_text((hf5 / f).read_text())
-    (hub / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "do_normalize": True,
-                "do_rescale": True,
-                "do_resize": True,
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "image_processor_type": "SiglipImageProcessor",
-                "image_seq_length": (px // 14) ** 2,
-                "processor_class": "PaliGemmaProcessor",
-                "resample": 3,
-                "rescale_factor": 1 / 255,
-                "size": {"height": px, "width": px},
-            }
-        )
-    )
+    saved, state = save_reference(model, hf5, {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0})
+    preprocessor = {
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor",
+        "image_seq_length": (px // 14) ** 2,
+        "processor_class": "PaliGemmaProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": px, "width": px},
+    }
     t, v = saved["text_config"], saved["vision_config"]
     text_keys = ["hidden_size", "intermediate_size", "model_type", "num_attention_heads", "num_hidden_layers"]
     text_keys += ["num_key_value_heads", "vocab_size", "head_dim"]
@@ -601,7 +642,8 @@ def build_paligemma(root: Path, version: int = 1, size: str = "tiny") -> dict[st
         },
         "vocab_size": 257216,  # stale too: the text_config value is the real one
     }
-    (hub / "config.json").write_text(json.dumps(published, indent=2))
+    hub = dirs["hub"]
+    other_layout(hf5, hub, {"preprocessor_config.json": preprocessor, "config.json": published})
 
     def published_key(k: str) -> str | None:
         k = re.sub(r"^model\.", "", k)
@@ -680,13 +722,11 @@ def build_llava_onevision(root: Path, size: str = "tiny") -> dict[str, Path]:
         LlavaOnevisionVideoProcessor,
     )
 
-    dirs = {k: root / f"llava_onevision_{size}_{k}" for k in ("hf5", "hub")}
+    dirs = new_checkpoint(root, f"llava_onevision_{size}", ("hf5", "hub"))
     hf5 = dirs["hf5"]
-    hf5.mkdir(parents=True, exist_ok=True)
     ids = make_tokenizer(hf5, LLAVA_OV_SPECIALS)
-    vocab = json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]
     tok_cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    (hf5 / "tokenizer_config.json").write_text(json.dumps(dict(tok_cfg, unk_token=None, bos_token=None)))
+    write_json(hf5 / "tokenizer_config.json", dict(tok_cfg, unk_token=None, bos_token=None))
     (_, _, tile, sides), half = LLAVA_OV_SIZES[size], [0.5, 0.5, 0.5]
     pinpoints = [[h, w] for h in sides for w in sides]
     image_kw = dict(size={"height": tile, "width": tile}, image_mean=half, image_std=half)
@@ -700,52 +740,30 @@ def build_llava_onevision(root: Path, size: str = "tiny") -> dict[str, Path]:
     )
     processor.save_pretrained(hf5)
     torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration(llava_onevision_hf_config(ids, len(vocab), size)).eval()
+    model = LlavaOnevisionForConditionalGeneration(
+        llava_onevision_hf_config(ids, vocab_size(hf5), size)
+    ).eval()
     randomize_(model)
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 1.0)
     strengthen_decoder_(model, LAYER_GAIN)
-    model.save_pretrained(hf5)
-    (hf5 / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]})
+    gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+    saved, state = save_reference(model, hf5, gen)
+    preprocessor = dict(image_kw, do_pad=True, image_grid_pinpoints=pinpoints, resample=3)
+    preprocessor.update(
+        image_processor_type="LlavaOnevisionImageProcessor", processor_class="LlavaOnevisionProcessor"
     )
-
-    saved = json.loads((hf5 / "config.json").read_text())
-    from safetensors.torch import load_file
-
-    state = load_file(str(hf5 / "model.safetensors"))
-    hub = dirs["hub"]
-    hub.mkdir(exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
-        (hub / f).write_text((hf5 / f).read_text())
-    (hub / "preprocessor_config.json").write_text(
-        json.dumps(
-            dict(
-                image_kw,
-                do_pad=True,
-                image_grid_pinpoints=pinpoints,
-                resample=3,
-                image_processor_type="LlavaOnevisionImageProcessor",
-                processor_class="LlavaOnevisionProcessor",
-            )
-        )
-    )
-    (hub / "processor_config.json").write_text(
-        json.dumps(
-            {
-                "num_image_tokens": (tile // 14) ** 2,
-                "processor_class": "LlavaOnevisionProcessor",
-                "vision_feature_select_strategy": "full",
-            }
-        )
-    )
-    (hub / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_OV_TEMPLATE}))
+    top = {"num_image_tokens": (tile // 14) ** 2, "processor_class": "LlavaOnevisionProcessor"}
     published = {k: v for k, v in saved.items() if k not in ("dtype", "transformers_version")}
     published["text_config"] = {
         k: v for k, v in saved["text_config"].items() if k not in ("rope_parameters", "layer_types", "dtype")
     }
     published["text_config"]["rope_theta"] = 1e6  # the flat rope field of the 2024 files
-    (hub / "config.json").write_text(json.dumps(published, indent=2))
+    hub = dirs["hub"]
+    files = {"preprocessor_config.json": preprocessor, "config.json": published}
+    files["processor_config.json"] = dict(top, vision_feature_select_strategy="full")
+    files["chat_template.json"] = {"chat_template": LLAVA_OV_TEMPLATE}
+    other_layout(hf5, hub, files)
 
     def published_key(k: str) -> str:
         k = re.sub(r"^model\.", "", k)
@@ -849,14 +867,13 @@ def build_video_llava(root: Path, size: str = "tiny") -> dict[str, Path]:
         VideoLlavaVideoProcessor,
     )
 
-    dirs = {k: root / f"video_llava_{size}_{k}" for k in ("hf5", "hub")}
+    dirs = new_checkpoint(root, f"video_llava_{size}", ("hf5", "hub"))
     hf5 = dirs["hf5"]
-    hf5.mkdir(parents=True, exist_ok=True)
     ids = make_llama_tokenizer(hf5)
     tok_cfg = dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok_cfg.update(pad_token="<pad>", add_bos_token=True, add_eos_token=False, legacy=False)
-    (hf5 / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    vocab = len(json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    write_json(hf5 / "tokenizer_config.json", tok_cfg)
+    vocab = vocab_size(hf5) + 3
     px = VIDEO_LLAVA_SIZES[size][2]
     kw = dict(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
     processor = VideoLlavaProcessor(
@@ -873,32 +890,21 @@ def build_video_llava(root: Path, size: str = "tiny") -> dict[str, Path]:
     model = VideoLlavaForConditionalGeneration(video_llava_hf_config(ids, vocab, size)).eval()
     randomize_(model)
     strengthen_decoder_(model, LAYER_GAIN)
-    model.save_pretrained(hf5)
-    (hf5 / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": ids["<pad>"]})
+    saved, state = save_reference(
+        model, hf5, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": ids["<pad>"]}
     )
-
-    saved = json.loads((hf5 / "config.json").read_text())
-    from safetensors.torch import load_file
-
-    state = load_file(str(hf5 / "model.safetensors"))
-    hub = dirs["hub"]
-    hub.mkdir(exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (hub / f).write_text((hf5 / f).read_text())
     clip = dict(
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]
     )
-    (hub / "preprocessor_config.json").write_text(
-        json.dumps(dict(kw, **clip, resample=3, image_processor_type="VideoLlavaImageProcessor"))
-    )
-    (hub / "chat_template.json").write_text(json.dumps({"chat_template": VIDEO_LLAVA_TEMPLATE}))
+    preprocessor = dict(kw, **clip, resample=3, image_processor_type="VideoLlavaImageProcessor")
     published = {k: v for k, v in saved.items() if k not in ("dtype", "transformers_version")}
     published["text_config"] = {
         k: v for k, v in saved["text_config"].items() if k not in ("rope_parameters", "dtype")
     }
     published["text_config"]["rope_theta"] = 10000.0
-    (hub / "config.json").write_text(json.dumps(published, indent=2))
+    hub = dirs["hub"]
+    files = {"preprocessor_config.json": preprocessor, "config.json": published}
+    other_layout(hf5, hub, dict(files, **{"chat_template.json": {"chat_template": VIDEO_LLAVA_TEMPLATE}}))
 
     def published_key(k: str) -> str:
         k = re.sub(r"^model\.", "", k)
@@ -987,11 +993,9 @@ def build_perception_lm(root: Path, size: str = "tiny", cls_token: bool = True) 
     )
 
     tag = "" if cls_token else "_nocls"
-    dirs = {k: root / f"perception_lm_{size}{tag}_{k}" for k in ("hf5", "hub")}
+    dirs = new_checkpoint(root, f"perception_lm_{size}{tag}", ("hf5", "hub"))
     hf5 = dirs["hf5"]
-    hf5.mkdir(parents=True, exist_ok=True)
     ids = make_tokenizer(hf5, PLM_SPECIALS)
-    vocab = len(json.loads((hf5 / "tokenizer.json").read_text())["model"]["vocab"])
     tok_cfg = dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
     )
@@ -999,7 +1003,7 @@ def build_perception_lm(root: Path, size: str = "tiny", cls_token: bool = True) 
         pad_token="<|end_of_text|>",
         extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
     )
-    (hf5 / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    write_json(hf5 / "tokenizer_config.json", tok_cfg)
     _, _, tile, max_tiles = PLM_SIZES[size]
     processor = PerceptionLMProcessor(
         video_processor=PerceptionLMVideoProcessor(size={"height": tile, "width": tile}),
@@ -1013,27 +1017,24 @@ def build_perception_lm(root: Path, size: str = "tiny", cls_token: bool = True) 
     )
     processor.save_pretrained(hf5)
     torch.manual_seed(0)
-    model = PerceptionLMForConditionalGeneration(perception_lm_hf_config(ids, vocab, size, cls_token)).eval()
+    model = PerceptionLMForConditionalGeneration(
+        perception_lm_hf_config(ids, vocab_size(hf5), size, cls_token)
+    )
+    model.eval()
     randomize_(model)
     strengthen_decoder_(model, LAYER_GAIN)
-    model.save_pretrained(hf5)
     eos = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
-    (hf5 / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": eos})
-    )
-
-    from safetensors.torch import load_file
-
-    state = load_file(str(hf5 / "model.safetensors"))
+    _, state = save_reference(model, hf5, {"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": eos})
     p = json.loads((hf5 / "processor_config.json").read_text())
     hub = dirs["hub"]
-    hub.mkdir(exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
-        (hub / f).write_text((hf5 / f).read_text())
-    (hub / "preprocessor_config.json").write_text(json.dumps(p["image_processor"]))
-    (hub / "video_preprocessor_config.json").write_text(json.dumps(p["video_processor"]))
-    top = {k: v for k, v in p.items() if k not in ("image_processor", "video_processor")}
-    (hub / "processor_config.json").write_text(json.dumps(top))
-    (hub / "chat_template.json").write_text(json.dumps({"chat_template": PLM_TEMPLATE}))
+    files = {
+        "preprocessor_config.json": p["image_processor"],
+        "video_preprocessor_config.json": p["video_processor"],
+    }
+    files["processor_config.json"] = {
+        k: v for k, v in p.items() if k not in ("image_processor", "video_processor")
+    }
+    files["chat_template.json"] = {"chat_template": PLM_TEMPLATE}
+    other_layout(hf5, hub, files, copy=("config.json",))
     write_safetensors({k.replace(".timm_model.", "."): t for k, t in state.items()}, hub, shards=2)
     return dirs
