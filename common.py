@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -116,6 +117,25 @@ class Tokenizer:
 
         state = DecodeStream(skip_special_tokens=skip_special_tokens)
         return lambda token_id: state.step(self.tok, int(token_id)) or ""
+
+
+def check_placeholders(texts: list[str], media: dict[str, list]) -> None:
+    """One placeholder string in the prompts per item given; `media` maps each placeholder to its items."""
+    for placeholder, items in media.items():
+        n = sum(t.count(placeholder) for t in texts)
+        if n != len(items):
+            raise ValueError(
+                f"the prompt has {n} {placeholder} placeholder(s) but {len(items)} were given: one "
+                "placeholder per item (use apply_chat_template)"
+            )
+
+
+def expand_placeholders(texts: list[str], tokens: dict[str, list[int]]) -> list[str]:
+    """Each placeholder in `texts` repeated as many times as its item has tokens. `tokens` maps a placeholder
+    to the token count of each of its items, in their order across the batch."""
+    left = {p: iter(counts) for p, counts in tokens.items()}
+    pattern = re.compile("|".join(re.escape(p) for p in tokens))
+    return [pattern.sub(lambda m: m.group(0) * next(left[m.group(0)]), t) for t in texts]
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +312,7 @@ def read_eos_ids(ckpt: Path, config: dict) -> list[int]:
     eos = gen.get(
         "eos_token_id", config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
     )
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return as_list(eos)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -352,16 +352,8 @@ class Processor:
         rule; transformers decides from how the list is nested)."""
         texts, videos = common.as_list(text), common.as_list(videos)
         images = [im for row in common.as_list(images) for im in common.as_list(row)]  # flat
+        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
         per_row = [t.count(IMAGE_TOKEN) for t in texts]
-        for n, media, what in (
-            (sum(per_row), images, IMAGE_TOKEN),
-            (sum(t.count(VIDEO_TOKEN) for t in texts), videos, VIDEO_TOKEN),
-        ):
-            if n != len(media):
-                raise ValueError(
-                    f"the prompt has {n} {what} placeholder(s) but {len(media)} were given: one placeholder "
-                    "per item (use apply_chat_template)"
-                )
         out, per_image, per_video = {}, [], []
         if images:
             several = [n > 1 for n in per_row for _ in range(n)]  # is the image one of several in its row?
@@ -380,11 +372,8 @@ class Processor:
             out.update(self.preprocess_videos(videos))
             n_frames = out["pixel_values_videos"].shape[1]
             per_video = [n_frames * math.ceil(self.video.grid / 2) ** 2 + 1] * len(videos)  # + 1 newline
-        it = {IMAGE_TOKEN: iter(per_image), VIDEO_TOKEN: iter(per_video)}
-        pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
-        ids = [
-            self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts
-        ]
+        tokens = {IMAGE_TOKEN: per_image, VIDEO_TOKEN: per_video}
+        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
@@ -405,9 +394,8 @@ class SiglipEmbeddings(nn.Module):
         super().__init__()
         P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P)
-        self.position_embedding = nn.Embedding(
-            G * G, cfg.hidden_size
-        )  # learned, one per patch, no class slot
+        # Learned positions, one per patch (no class slot).
+        self.position_embedding = nn.Embedding(G * G, cfg.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, N, Dv)
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, Dv), patches row by row
@@ -669,9 +657,8 @@ class LlavaOnevision(nn.Module):
         tc, vc = cfg.text_config, cfg.vision_config
         self.vision_tower = SiglipVisionTower(vc, cfg.vision_feature_layer)
         self.multi_modal_projector = Projector(cfg)
-        self.image_newline = nn.Parameter(
-            torch.zeros(tc.hidden_size)
-        )  # ends every row of an image's features
+        # A learned vector that ends every row of an image's features (and every video).
+        self.image_newline = nn.Parameter(torch.zeros(tc.hidden_size))
         self.language_model = Qwen2Model(tc)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # 0.5b: the output projection is the embedding matrix

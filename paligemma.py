@@ -36,7 +36,6 @@ Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemm
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 import warnings
@@ -336,9 +335,8 @@ class SiglipEmbeddings(nn.Module):
         super().__init__()
         P, G = cfg.patch_size, cfg.image_size // cfg.patch_size
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P)
-        self.position_embedding = nn.Embedding(
-            G * G, cfg.hidden_size
-        )  # learned, one per patch, no class slot
+        # Learned positions, one per patch (no class slot).
+        self.position_embedding = nn.Embedding(G * G, cfg.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, N, Dv)
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, Dv), patches row by row
@@ -391,18 +389,14 @@ class SiglipVisionTower(nn.Module):
         super().__init__()
         self.embeddings = SiglipEmbeddings(cfg)
         # `encoder.layers.{i}` as in the checkpoint (the encoder holds nothing but its layers)
-        self.encoder = nn.ModuleDict(
-            {"layers": nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))}
-        )
+        layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.image_size = cfg.image_size
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, N, Dv)
-        assert (
-            pixels.shape[-1]
-            == pixels.shape[-2]
-            == self.embeddings.patch_embedding.stride[0]
-            * int(math.isqrt(self.embeddings.position_embedding.num_embeddings))
-        ), "pixel_values must be image_size x image_size (the processor resizes to it)"
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, N, Dv)
+        S = self.image_size
+        assert pixels.shape[-2:] == (S, S), f"pixel_values must be {S}x{S} (the processor resizes to it)"
         x = self.embeddings(pixels)
         for layer in self.encoder["layers"]:
             x = layer(x)

@@ -94,12 +94,8 @@ class TextConfig:  # Llama 3.2 1B
     head_dim: int = 64  # Dh
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: tuple[float, float, float, int] | None = (
-        32.0,
-        1.0,
-        4.0,
-        8192,
-    )  # llama3: factor, low, high, orig
+    # llama3 scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_scaling: tuple[float, float, float, int] | None = (32.0, 1.0, 4.0, 8192)
     max_position_embeddings: int = 11520
 
 
@@ -347,14 +343,8 @@ class Processor:
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
         texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
-        out, per_item = {}, {}
-        for pad, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
-            n = sum(t.count(pad) for t in texts)
-            if n != len(media):
-                raise ValueError(
-                    f"the prompt has {n} {pad} placeholder(s) but {len(media)} were given: one placeholder "
-                    "per item (use apply_chat_template)"
-                )
+        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
+        out, tokens = {}, {IMAGE_TOKEN: [], VIDEO_TOKEN: []}
         per_tile = (self.image.tile_size // self.patch // self.pool) ** 2  # 256: 32x32 patches pooled 2x2
         if images:
             tiles = [thumb_and_tiles(im, self.image) for im in images]
@@ -364,14 +354,11 @@ class Processor:
                     "process them in separate calls (the reference batches them the same way)"
                 )
             out["pixel_values"] = torch.stack(tiles)  # (images, 1 + tiles, 3, 448, 448)
-            per_item[IMAGE_TOKEN] = out["pixel_values"].shape[1] * per_tile
+            tokens[IMAGE_TOKEN] = [out["pixel_values"].shape[1] * per_tile] * len(images)
         if videos:
             out.update(self.preprocess_videos(videos))
-            per_item[VIDEO_TOKEN] = out["pixel_values_videos"].shape[1] * per_tile
-        pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
-        ids = [
-            self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * per_item[m.group(0)], t)) for t in texts
-        ]
+            tokens[VIDEO_TOKEN] = [out["pixel_values_videos"].shape[1] * per_tile] * len(videos)
+        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 

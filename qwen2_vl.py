@@ -350,28 +350,16 @@ class Processor:
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
         texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
+        common.check_placeholders(texts, {IMAGE_PAD: images, VIDEO_PAD: videos})
         out: dict[str, torch.Tensor] = {}
-        counts = {IMAGE_PAD: [], VIDEO_PAD: []}  # placeholder tokens per image / per video
-        for media, prep, grid_key, pad in (
-            (images, self.preprocess_images, "image_grid_thw", IMAGE_PAD),
-            (videos, self.preprocess_videos, "video_grid_thw", VIDEO_PAD),
-        ):
-            n_placeholders = sum(t.count(pad) for t in texts)
-            if n_placeholders != len(media):
-                raise ValueError(
-                    f"the prompt has {n_placeholders} {pad} placeholder(s) but {len(media)} "
-                    f"{'images' if pad == IMAGE_PAD else 'videos'} were given: one placeholder "
-                    f"(use apply_chat_template) per item"
-                )
-            if media:
-                out.update(prep(media))
-                counts[pad] = (out[grid_key].prod(-1) // self.image.merge_size**2).tolist()
-        # Expand each placeholder into one token per merged patch, in order across the batch.
-        it = {pad: iter(n) for pad, n in counts.items()}
-        pattern = re.compile(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}")
-        ids = [
-            self.tokenizer.encode(pattern.sub(lambda m: m.group(0) * next(it[m.group(0)]), t)) for t in texts
-        ]
+        tokens = {IMAGE_PAD: [], VIDEO_PAD: []}  # per image / per video: one token per merged patch
+        if images:
+            out.update(self.preprocess_images(images))
+            tokens[IMAGE_PAD] = (out["image_grid_thw"].prod(-1) // self.image.merge_size**2).tolist()
+        if videos:
+            out.update(self.preprocess_videos(videos))
+            tokens[VIDEO_PAD] = (out["video_grid_thw"].prod(-1) // self.video.merge_size**2).tolist()
+        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
@@ -700,9 +688,7 @@ def get_rope_index(
             t, h, w = next(grids[row[i]])
             gh, gw = h // merge, w // merge
             n = t * gh * gw
-            assert row[i : i + n] == [row[i]] * n, (
-                "each vision block must have one placeholder per merged token"
-            )
+            assert row[i : i + n] == [row[i]] * n, "one placeholder per merged token in every vision block"
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
             out.append(cur + torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]))  # (3, t*gh*gw)
             cur, i = cur + max(t, gh, gw), i + n
@@ -783,10 +769,9 @@ class Qwen2VL(nn.Module):
         return x
 
     def positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw):
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.cfg.image_token_id).long() + 2 * (
-                input_ids == self.cfg.video_token_id
-            ).long()
+        if mm_token_type_ids is None:  # 1 on image pads, 2 on video pads, 0 on text
+            is_image, is_video = input_ids == self.cfg.image_token_id, input_ids == self.cfg.video_token_id
+            mm_token_type_ids = is_image.long() + 2 * is_video.long()
         merge = self.cfg.vision_config.spatial_merge_size
         pos, delta = get_rope_index(
             input_ids, mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw, merge

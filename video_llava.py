@@ -200,9 +200,7 @@ def preprocess_frames(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Ten
     tensor with torchvision (antialiased bicubic, back to uint8): exactly torch's uint8 interpolate; the crop
     offsets are rounded, (x - 255 mean) / (255 std) in float32."""
     h, w = shortest_edge_size(frames.shape[-2], frames.shape[-1], cfg.shortest_edge)
-    x = F.interpolate(
-        frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False
-    )  # (F, 3, h, w)
+    x = F.interpolate(frames, (h, w), mode="bicubic", antialias=True, align_corners=False)  # (F, 3, h, w)
     C = cfg.crop
     top, left = int(round((h - C) / 2.0)), int(round((w - C) / 2.0))
     x = x[..., top : top + C, left : left + C].float()  # (F, 3, 224, 224)
@@ -295,26 +293,18 @@ class Processor:
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
         texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
+        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
         out = {}
-        for pad, media in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
-            n = sum(t.count(pad) for t in texts)
-            if n != len(media):
-                raise ValueError(
-                    f"the prompt has {n} {pad} placeholder(s) but {len(media)} were given: one placeholder "
-                    "per item (use apply_chat_template)"
-                )
         per_tile = (self.image.crop // self.patch) ** 2  # 256 patches; a video frame adds its CLS: 257
         if images:
             x = torch.stack([preprocess_image(im, self.image) for im in images])  # (images, 3, 224, 224)
             out["pixel_values_images"] = x
         if videos:
             out.update(self.preprocess_videos(videos))
-        n_video = 0 if not videos else out["pixel_values_videos"].shape[1] * (per_tile + 1)
-        expand = {IMAGE_TOKEN: IMAGE_TOKEN * per_tile, VIDEO_TOKEN: VIDEO_TOKEN * n_video}
-        pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+        per_video = 0 if not videos else out["pixel_values_videos"].shape[1] * (per_tile + 1)
+        tokens = {IMAGE_TOKEN: [per_tile] * len(images), VIDEO_TOKEN: [per_video] * len(videos)}
         ids = [
-            [self.bos_token_id] + self.tokenizer.encode(pattern.sub(lambda m: expand[m.group(0)], t))
-            for t in texts
+            [self.bos_token_id] + self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)
         ]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}

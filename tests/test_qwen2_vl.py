@@ -341,7 +341,7 @@ def test_bad_inputs(dirs, ours, tmp_path):
         proc(text="<|video_pad|>", videos=[str(tmp_path / "empty.mp4")])
     with pytest.raises(ValueError, match="zero frames"):
         proc.preprocess_videos([np.zeros((0, 64, 64, 3), np.uint8)])
-    with pytest.raises(ValueError, match="2 <\\|image_pad\\|> placeholder\\(s\\) but 1 images"):
+    with pytest.raises(ValueError, match="2 <\\|image_pad\\|> placeholder\\(s\\) but 1 were given"):
         proc(text="<|image_pad|> and <|image_pad|>", images=[image("photo")])
     inputs = proc(text=proc.apply_chat_template(user("image")), images=[image("photo")])
     ids = inputs["input_ids"].clone()
