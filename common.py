@@ -481,9 +481,14 @@ def generate_loop(
     return out[:, : int(done_at.max()) + 1] if len(eos_token_ids) and bool((done_at < n).all()) else out
 
 
-def compiled_decode_step(model: torch.nn.Module):
+def compiled_decode_step(model: torch.nn.Module, caches: list[torch.nn.Module]):
     """`torch.compile` of `model.decode_step`, made once per model: with CUDA graphs on CUDA
-    ("reduce-overhead"), plain inductor on the CPU. The eager decode_step stays the code a reader reads."""
+    ("reduce-overhead"), plain inductor on the CPU. The eager decode_step stays the code a reader reads.
+    NOTE: the caches' buffers are written in place by every step; marking their addresses static lets a
+    CUDA graph use them where they are (an input it would otherwise copy, or refuse to capture)."""
+    for cache in caches:
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
     if "_compiled_decode_step" not in model.__dict__:
         mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
         model.__dict__["_compiled_decode_step"] = torch.compile(model.decode_step, mode=mode)

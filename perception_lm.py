@@ -821,7 +821,7 @@ class PerceptionLM(nn.Module):
         common.check_finite(first)
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
-        decode_step = common.compiled_decode_step(self) if compile else self.decode_step
+        decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
 
         def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
             return decode_step(token, n_real + i, next_slot + i, keep, caches)

@@ -376,7 +376,7 @@ class Processor:
 # ==========================================================================================================
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:  # used by the vision tower and the decoder (section 5)
     x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
     return torch.cat((-x2, x1), dim=-1)  # (..., Dh)
 
@@ -517,6 +517,9 @@ class RMSNorm(nn.Module):
         # Statistics in float32, cast back, then scale (the Llama/Qwen order).
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+# rotate_half is in section 3: the vision tower's 2-D RoPE uses it first.
 
 
 def mrope_cos_sin(
@@ -867,7 +870,7 @@ class Qwen2VL(nn.Module):
         common.check_finite(first)
         n_real = attention_mask.sum(1)  # (B,)
         next_slot = torch.full((1,), T, device=x.device)
-        decode_step = common.compiled_decode_step(self) if compile else self.decode_step
+        decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
 
         def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
             # NOTE: the new token's M-RoPE position on all 3 axes is its index among real tokens + rope_delta.
