@@ -347,7 +347,7 @@ def sample(
         drop[:, 0] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B, 1) -> (B,)
 
 
 last_generation = {"first_step_s": None}  # how long generate_loop's first decode step took (a compile)
@@ -455,7 +455,7 @@ def generate_loop(
         n = i + 1
         finished |= torch.isin(token, eos)
         if seen is not None:
-            seen.scatter_(1, token[:, None], True)
+            seen.scatter_(1, token[:, None], True)  # (B, V)
         if push is not None:
             t = int(token[0])
             if t not in eos_token_ids:
@@ -468,7 +468,7 @@ def generate_loop(
             break
         if i + 1 < s.max_new_tokens:
             t0 = time.perf_counter() if i == 0 else 0.0
-            logits = step(token[:, None], i)
+            logits = step(token[:, None], i)  # (B, 1) -> (B, V)
             if i == 0:
                 last_generation["first_step_s"] = time.perf_counter() - t0
     if push is not None:  # bytes held back for an unfinished UTF-8 character: flush them as decode() would

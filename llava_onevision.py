@@ -266,7 +266,7 @@ def anyres_tiles(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
     nh, nw = fit_inside(H, W, bh, bw)
     top, left = (bh - nh) // 2, (bw - nw) // 2  # the odd pixel of padding goes to the bottom / right
     canvas = torch.zeros(3, bh, bw, dtype=torch.uint8)
-    canvas[:, top : top + nh, left : left + nw] = resize_uint8(image[None], nh, nw)[0]
+    canvas[:, top : top + nh, left : left + nw] = resize_uint8(image[None], nh, nw)[0]  # (3, nh, nw) inside
     tiles = canvas.view(3, bh // S, S, bw // S, S).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
     tiles = tiles.reshape(-1, 3, S, S)  # (rows*cols, 3, S, S), row by row
     return normalize(torch.cat([resize_uint8(image[None], S, S), tiles]), cfg)  # (1 + n, 3, S, S)

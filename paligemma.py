@@ -207,7 +207,7 @@ def resize_and_normalize(image, cfg: ImageInputConfig) -> torch.Tensor:
     S = cfg.image_size
     x = F.interpolate(x, size=(S, S), mode=cfg.resample, antialias=True, align_corners=False)  # (1, 3, S, S)
     mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
-    std = torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0
+    std = torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0  # (3, 1, 1)
     return (x[0].float() - mean) / std  # (3, S, S) float32
 
 

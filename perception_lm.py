@@ -262,7 +262,7 @@ def thumb_and_tiles(image, cfg: VisionInputConfig) -> torch.Tensor:
     cols, rows = choose_tile_grid(x.shape[-1], x.shape[-2], S, cfg.max_num_tiles)
     big = resize_uint8(x, rows * S, cols * S)[0]  # squashed onto the grid, aspect ratio not kept
     tiles = big.view(3, rows, S, cols, S).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
-    tiles = tiles.reshape(rows * cols, 3, S, S)  # row by row
+    tiles = tiles.reshape(rows * cols, 3, S, S)  # (rows*cols, 3, S, S), row by row
     return normalize(torch.cat([thumb, tiles]), cfg)  # (1 + rows*cols, 3, S, S)
 
 

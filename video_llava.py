@@ -205,7 +205,7 @@ def preprocess_frames(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Ten
     top, left = int(round((h - C) / 2.0)), int(round((w - C) / 2.0))
     x = x[..., top : top + C, left : left + C].float()  # (F, 3, 224, 224)
     mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
-    return (x - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)
+    return (x - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)  # (F, 3, 224, 224)
 
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
