@@ -20,7 +20,8 @@ Median of --repeats runs after one warm-up, the two implementations interleaved.
 generate(compile=True) against transformers with its static cache and compiled forward; the warm-up (which
 compiles) is timed and printed separately. Last, the decode roofline: the bytes a batch-1 step reads (decoder
 weights and KV cache) over the bandwidth a GEMV of that size reaches on this device, and the share of it each
-implementation's tokens/s reaches.
+implementation's tokens/s reaches; then the floor: the same reads done bare (one GEMV per weight matrix of the
+decoder, one query's attention over each layer's cache), and the share of that each implementation reaches.
 Protocol: ../shared/reference/benchmark-protocol.md. Needs requirements-dev.txt (transformers).
 """
 
