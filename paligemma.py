@@ -754,11 +754,9 @@ class PaliGemma(nn.Module):
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
-        common.check_context(
-            int(attention_mask.sum(1).max()), max_new_tokens, self.cfg.text_config.max_position_embeddings
-        )
-        x = self.embed(input_ids, pixel_values)
         tc = self.cfg.text_config
+        common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        x = self.embed(input_ids, pixel_values)
         S_max = common.cache_length(T, max_new_tokens)
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)

@@ -846,22 +846,19 @@ class Qwen2VL(nn.Module):
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
+        tc = self.cfg.text_config
         pos3, delta = self.positions(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw
         )
         # NOTE: M-RoPE positions grow slower than the token count; the limit applies to positions.
         common.check_context(
-            int((attention_mask.sum(1) + delta).max()),
-            max_new_tokens,
-            self.cfg.text_config.max_position_embeddings,
+            int((attention_mask.sum(1) + delta).max()), max_new_tokens, tc.max_position_embeddings
         )
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        tc = self.cfg.text_config
         S_max = common.cache_length(T, max_new_tokens)
+        Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
-            KVCache(
-                B, tc.num_key_value_heads, S_max, tc.hidden_size // tc.num_attention_heads, x.device, x.dtype
-            )
+            KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
             for _ in range(tc.num_hidden_layers)
         ]
         keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)

@@ -696,13 +696,11 @@ class VideoLlava(nn.Module):
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
-        common.check_context(
-            int(attention_mask.sum(1).max()), max_new_tokens, self.cfg.text_config.max_position_embeddings
-        )
+        tc = self.cfg.text_config
+        common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
         x = self.embed(
             input_ids, pixel_values_images if pixel_values is None else pixel_values, pixel_values_videos
         )
-        tc = self.cfg.text_config
         S_max = common.cache_length(T, max_new_tokens)
         Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
