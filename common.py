@@ -1,12 +1,15 @@
 """What the five model files share that is not architecture.
 
-- tokenization: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library), UTF-8-safe
-  streaming, `pad_batch`
-- weights: `checkpoint_dir` (Hub download of only the needed files, or a local directory), `read_json`,
-  `check_model_type`, `load_weights` (safetensors shards, per-model `rename`, strict, meta device + assign)
-- generation: `sample` (greedy, temperature, top-k, top-p, repetition penalty) and `generate_loop`
-  (per-row EOS, finished rows padded, streamer callback)
-- media: `load_image` (path, URL, data URI, PIL, numpy) and `load_video` (PyAV, uniform by count or fps)
+- tokenization and prompts: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library),
+  UTF-8-safe streaming, `check_placeholders` / `expand_placeholders`, `pad_batch`
+- weights and settings: `checkpoint_dir` (Hub download of only the needed files, or a local directory),
+  `read_config` (with `check_model_type`), `read_processor_configs`, `load_weights` (safetensors shards,
+  per-model `rename`, strict, meta device + assign), `read_eos_ids`
+- generation: `sample` (greedy, temperature, top-k, top-p, repetition penalty), `generate_loop` (per-row EOS,
+  finished rows padded, streamer callback) and the checks and sizes around it (`left_padded_mask`,
+  `cache_length`, `check_finite`, `check_context`, `compiled_decode_step`)
+- media: `load_image` (path, URL, data URI, PIL, numpy), `load_video` (PyAV, uniform by count or fps),
+  `image_to_uint8` / `frames_to_uint8`, `as_list`
 - `pick_device`, `pick_dtype`; the command-line options and output every model's `main()` shares
 - `record_shapes`: forward hooks that record each named stage's output shape (notebooks, `--explain`)
 Layers never live here: every model file defines its own, so it can be read alone.

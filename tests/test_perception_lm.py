@@ -15,7 +15,6 @@ from tiny import max_diff, user
 
 import perception_lm as plm
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "perception_lm"
 
 
