@@ -1,4 +1,4 @@
-"""What the five model files share that is not architecture.
+"""What the five model files share that is not architecture (the command line is in cli.py).
 
 - tokenization and prompts: `Tokenizer` over a checkpoint's `tokenizer.json` (the `tokenizers` library),
   UTF-8-safe streaming, `check_placeholders` / `expand_placeholders`, `pad_batch`
@@ -6,18 +6,18 @@
   `read_config` (with `check_model_type`), `read_processor_configs`, `load_weights` (safetensors shards,
   per-model `rename`, strict, meta device + assign), `read_eos_ids`
 - generation: `sample` (greedy, temperature, top-k, top-p, repetition penalty), `generate_loop` (per-row EOS,
-  finished rows padded, streamer callback) and the checks and sizes around it (`left_padded_mask`,
-  `cache_length`, `check_finite`, `check_context`, `compiled_decode_step`)
-- media: `load_image` (path, URL, data URI, PIL, numpy), `load_video` (PyAV, uniform by count or fps),
-  `image_to_uint8` / `frames_to_uint8`, `as_list`
-- `pick_device`, `pick_dtype`; the command-line options and output every model's `main()` shares
+  finished rows padded, streamer callback; returns a `Generation`) and the checks and sizes around it
+  (`left_padded_mask`, `cache_length`, `check_finite`, `check_context`, `compiled_decode_step`)
+- media: `load_image` (path, URL, data URI, PIL, numpy; a pixel limit), `load_video` (PyAV, uniform by count
+  or fps), `image_to_uint8` / `frames_to_uint8`, `as_list`
+- `pick_device`, `pick_dtype`
 - `record_shapes`: forward hooks that record each named stage's output shape (notebooks, `--explain`)
-Layers never live here: every model file defines its own, so it can be read alone.
+Layers never live here: every model file defines its own, so it can be read alone. Nothing here keeps state
+between calls: settings arrive as arguments and results leave as return values.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -114,6 +114,9 @@ class Tokenizer:
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
     def stream(self, skip_special_tokens: bool = True) -> Callable[[int], str]:
         """Returns `push(token_id) -> text`, which holds back bytes until they form whole UTF-8 characters."""
         from tokenizers.decoders import DecodeStream
@@ -122,14 +125,16 @@ class Tokenizer:
         return lambda token_id: state.step(self.tok, int(token_id)) or ""
 
 
-def check_placeholders(texts: list[str], media: dict[str, list]) -> None:
+def check_placeholders(
+    texts: list[str], media: dict[str, list], hint: str = "use apply_chat_template"
+) -> None:
     """One placeholder string in the prompts per item given; `media` maps each placeholder to its items."""
     for placeholder, items in media.items():
         n = sum(t.count(placeholder) for t in texts)
         if n != len(items):
             raise ValueError(
                 f"the prompt has {n} {placeholder} placeholder(s) but {len(items)} were given: one "
-                "placeholder per item (use apply_chat_template)"
+                f"placeholder per item ({hint})"
             )
 
 
@@ -353,9 +358,6 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B, 1) -> (B,)
 
 
-last_generation = {"first_step_s": None}  # how long generate_loop's first decode step took (a compile)
-
-
 @dataclass
 class GenerationSettings:
     """Sampling settings, checked when made: a value out of range is an error, never a silently odd answer."""
@@ -416,6 +418,15 @@ def check_context(n_positions: int, max_new_tokens: int, limit: int) -> None:
         )
 
 
+@dataclass
+class Generation:
+    """What generate_loop returns (and generate(..., details=True)): the new tokens and how the loop went."""
+
+    tokens: torch.Tensor  # (B, N) long, rows that finished early padded with the pad id
+    stopped: str  # "eos": every row reached an EOS id; "max_new_tokens": the limit came first
+    first_step_s: float | None  # seconds the first decode step took (with compile=True: the compile)
+
+
 def generate_loop(
     first_logits: torch.Tensor,
     step: Callable[[torch.Tensor, int], torch.Tensor],
@@ -426,11 +437,12 @@ def generate_loop(
     pad_token_id: int,
     streamer: Callable[[str], None] | None = None,
     tokenizer: Tokenizer | None = None,
-) -> torch.Tensor:
+) -> Generation:
     """The decode loop shared by every model: sample, record, stop rows at EOS, feed the token back.
     first_logits (B, V) are the prefill's logits at each row's last prompt token; `step(tokens (B, 1), i)`
     runs decode step i and returns the next logits (B, V); prompt_ids/prompt_mask (B, T) feed the repetition
-    penalty. Returns the new tokens (B, N), rows that finished early padded with pad_token_id.
+    penalty. Returns the new tokens (B, N), rows that finished early padded with pad_token_id, the stop
+    reason and the first decode step's time.
     The only host-device syncs are the streamer's (it needs the token) and an all-finished check every 8
     steps."""
     B, V = first_logits.shape
@@ -449,8 +461,7 @@ def generate_loop(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     push = tokenizer.stream() if streamer is not None else None
     streamed, printed = [], []  # tokens pushed to the streamer, and the text it received
-    logits, n = first_logits, 0
-    last_generation["first_step_s"] = None
+    logits, n, first_step_s = first_logits, 0, None
     for i in range(s.max_new_tokens):
         token = sample(logits, seen, s.temperature, s.top_k, s.top_p, s.repetition_penalty, generator)
         token = torch.where(finished, pad_token_id, token)  # (B,)
@@ -473,7 +484,7 @@ def generate_loop(
             t0 = time.perf_counter() if i == 0 else 0.0
             logits = step(token[:, None], i)  # (B, 1) -> (B, V)
             if i == 0:
-                last_generation["first_step_s"] = time.perf_counter() - t0
+                first_step_s = time.perf_counter() - t0
     if push is not None:  # bytes held back for an unfinished UTF-8 character: flush them as decode() would
         full, shown = tokenizer.decode(streamed), "".join(printed)
         if full.startswith(shown) and len(full) > len(shown):
@@ -481,7 +492,9 @@ def generate_loop(
     out = out[:, :n]
     # Trim the columns produced after every row had already finished (the all-finished check is lazy).
     done_at = torch.where(torch.isin(out, eos), torch.arange(n, device=device), n).min(dim=1).values
-    return out[:, : int(done_at.max()) + 1] if len(eos_token_ids) and bool((done_at < n).all()) else out
+    if len(eos_token_ids) and bool((done_at < n).all()):
+        return Generation(out[:, : int(done_at.max()) + 1], "eos", first_step_s)
+    return Generation(out, "max_new_tokens", first_step_s)
 
 
 def compiled_decode_step(model: torch.nn.Module, caches: list[torch.nn.Module]):
@@ -505,7 +518,6 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 URL_TIMEOUT_S = 20  # for each read
 URL_DEADLINE_S = 60  # for a whole download
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused (decompression bombs)
-MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # the limit in force; --max-image-pixels sets it
 
 
 def _read_url(url: str) -> bytes:
@@ -543,9 +555,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(src: str | Path | Image.Image | np.ndarray) -> Image.Image:
+def load_image(
+    src: str | Path | Image.Image | np.ndarray, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
     """A PIL RGB image from a PIL image, an (H, W, 3|4) uint8 array, a path, an http(s) URL or a data URI.
-    Images read from bytes get their EXIF orientation applied."""
+    Images read from bytes get their EXIF orientation applied; one of more than `max_pixels` is refused."""
     if isinstance(src, Image.Image):
         return to_rgb(src)
     if isinstance(src, np.ndarray):
@@ -572,11 +586,11 @@ def load_image(src: str | Path | Image.Image | np.ndarray) -> Image.Image:
                 image = Image.open(io.BytesIO(data))
             finally:
                 Image.MAX_IMAGE_PIXELS = pil_limit
-            if image.width * image.height > MAX_IMAGE_PIXELS:
+            if image.width * image.height > max_pixels:
                 raise ValueError(
                     f"{name} is {image.width}x{image.height} = {image.width * image.height} pixels, more "
-                    f"than the limit of {MAX_IMAGE_PIXELS} (a guard against decompression bombs): downscale "
-                    "it, or raise the limit with --max-image-pixels N (common.MAX_IMAGE_PIXELS in Python)"
+                    f"than the limit of {max_pixels} (a guard against decompression bombs): downscale "
+                    "it, or raise the limit with --max-image-pixels N (load_image(src, max_pixels=N))"
                 )
             image.load()
     except UnidentifiedImageError as e:
@@ -636,13 +650,6 @@ def sample_frame_indices(
             )
         return list(range(total))
     return torch.arange(0, total, total / num_frames).int().tolist()[:num_frames]
-
-
-def describe(v: Video) -> str:
-    """One line about a loaded video, for the command line's notes."""
-    H, W = v.frames.shape[1:3]
-    times = ", ".join(f"{t:.2f}" for t in v.timestamps)
-    return f"{len(v.indices)} of {v.total_frames} frames ({times} s), {W}x{H}"
 
 
 def check_frames(num_frames: int | None, fps: float | None) -> None:
@@ -732,172 +739,3 @@ def record_shapes(model: torch.nn.Module, stages: list[tuple[str, str, str]]) ->
     finally:
         for h in handles:
             h.remove()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line: the options and the output every model's main() shares
-
-
-class CLIParser(argparse.ArgumentParser):
-    """argparse whose usage errors end like every other error: one `error: ...` line, exit status 1."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(1)
-
-
-def cli_parser(m, description: str, example: str, frames: str | None, system: str | None) -> CLIParser:
-    """The options all five files share, with the same names, meanings and help text. `frames`: how this
-    model samples a video file by default ("8 frames", "2 frames per second"), None for an image-only model;
-    `system`: what the default system message is, None when the model has no chat template."""
-    ap = CLIParser(
-        description=description,
-        epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    presets = ", ".join(sorted(m.PRESETS))
-    ap.add_argument(
-        "--model",
-        default=m.DEFAULT,
-        help=f"Hub repo id (downloaded on first use to the Hugging Face cache, only the files needed), a "
-        f"preset ({presets}) or a local checkpoint directory (default: {m.DEFAULT})",
-    )
-    ap.add_argument(
-        "--image", action="append", default=[], help="image file, http(s) URL or data: URI (repeat)"
-    )
-    if frames is not None:
-        ap.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
-        ap.add_argument(
-            "--num-frames", type=int, help=f"frames sampled uniformly per video (default: {frames})"
-        )
-        ap.add_argument(
-            "--fps", type=float, help="sample this many frames per second instead of --num-frames"
-        )
-    ap.add_argument("--prompt", required=True, help="the question or instruction")
-    if system is not None:
-        ap.add_argument("--system", help=f"system message (default: {system})")
-    ap.add_argument("--show-prompt", action="store_true", help="print the full prompt to stderr")
-    ap.add_argument("--explain", action="store_true", help="print each stage's tensor shape to stderr")
-    g = ap.add_argument_group("generation")
-    g.add_argument(
-        "--max-new-tokens", type=int, default=256, help="at most this many new tokens (default: 256)"
-    )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 samples (default: 0)")
-    g.add_argument(
-        "--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off (default)"
-    )
-    g.add_argument(
-        "--top-p", type=float, default=1.0, help="sample within this probability mass (default: 1 = off)"
-    )
-    g.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)"
-    )
-    g.add_argument("--seed", type=int, help="random seed for sampling (default: none)")
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step (CUDA graphs on CUDA): a slow first step",
-    )
-    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    g.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32"
-    )
-    g.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        help=f"refuse larger images (default: {DEFAULT_MAX_IMAGE_PIXELS})",
-    )
-    return ap
-
-
-def check_cli(a) -> None:
-    """Everything the command line can check before downloading or loading a checkpoint: sampling ranges,
-    frame counts, that local media files exist, the device."""
-    global MAX_IMAGE_PIXELS
-    GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
-    if a.max_image_pixels < 1:
-        raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
-    MAX_IMAGE_PIXELS = a.max_image_pixels
-    for kind, sources in (("image", a.image), ("video", getattr(a, "video", []))):
-        for src in sources:
-            if not str(src).startswith(("http://", "https://", "data:")) and not os.path.isfile(src):
-                raise FileNotFoundError(f"{kind} file not found: {src}")
-    if hasattr(a, "num_frames"):
-        check_frames(a.num_frames, a.fps)
-    pick_device(a.device)
-
-
-def cli_messages(a, n_images: int, n_videos: int) -> list[dict]:
-    """The chat of one command-line question: --system if given, then one user turn with the images, the
-    videos and the --prompt text."""
-    media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
-    user = {"role": "user", "content": media + [{"type": "text", "text": a.prompt}]}
-    return ([{"role": "system", "content": a.system}] if a.system else []) + [user]
-
-
-def say(*lines: str) -> None:
-    """Notes for the person at the terminal: on stderr, so that stdout holds only the answer."""
-    for line in lines:
-        print(line, file=sys.stderr)
-
-
-def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> torch.Tensor:
-    """Generate with the command line's settings, stream the text to stdout, then print a one-line JSON
-    summary to stderr (with --explain, first the shape of every stage in `stages`). The sampling settings are
-    the command line's: generation_config.json gives only EOS."""
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    first: list[float] = []
-
-    def streamer(piece: str) -> None:
-        first.append(first[0] if first else time.perf_counter())
-        print(piece, end="", flush=True)
-
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer, compile=a.compile)
-    t0 = time.perf_counter()
-    with record_shapes(model, stages if a.explain else []) as rows:
-        out = model.generate(**inputs, **kw)
-    t1 = time.perf_counter()
-    print()
-    if a.explain:
-        explain(rows, inputs)  # the logits, the last of `stages`, end each step
-    n, ttft = out.shape[1], (first[0] if first else t1) - t0
-    rate = round((n - 1) / (t1 - t0 - ttft), 2) if n > 1 and t1 - t0 > ttft else None
-    stopped = "eos" if n and int(out[0, -1]) in model.eos_token_ids else "max_new_tokens"
-    summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
-    summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
-    summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=stopped)
-    if a.compile:  # the first decode step compiles
-        summary["compile_s"] = round(last_generation["first_step_s"] or 0.0, 2)
-    print(json.dumps(summary), file=sys.stderr)
-    return out
-
-
-def explain(rows: list[dict], inputs: dict) -> None:
-    """The recorded stages on stderr, in call order: the prefill (up to its logits), then one decode step."""
-    say("explain: the path of this input through the model (legend: the model file's docstring)")
-    say(*(f"  input    {str(tuple(v.shape)):<18} {k}" for k, v in inputs.items()))
-    phase, last = "prefill", rows[-1]["module"] if rows else None  # the logits end every step
-    for r in rows:
-        into = f"  <- {', '.join(map(str, r['inputs']))}" if r["inputs"] else ""
-        say(f"  {phase:<8} {r['legend']:<14} = {str(r['shape']):<18} {r['stage']}{into}")
-        if r["module"] == last:
-            if phase == "decode":
-                break
-            phase = "decode"
-
-
-def run_main(main: Callable[[], None]) -> None:
-    """Runs a CLI's main(). A problem the user can fix ends with one `error: ...` line (exit status 1), Ctrl-C
-    with one line (exit status 130); warnings are one `warning: ...` line each. Never a traceback."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, RuntimeError, OSError) as e:  # OSError includes FileNotFoundError
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
-        sys.exit(1)

@@ -25,11 +25,11 @@ Worked example (0.5b-ov): a 480x640 photo -> best resolution 768x768 -> fitted t
 newline) = 2200, plus the base 729 = 2929 tokens of width 896.
 
 Where things are (section: what to read first):
-  1 config: LlavaOnevisionConfig.from_hf     2 preprocessing: select_best_resolution, anyres_layout,
+  1 config: LlavaOnevisionConfig             2 preprocessing: select_best_resolution, anyres_layout,
     anyres_tiles, Processor.__call__         3 vision tower: SiglipVisionTower    4 projector: Projector
   5 decoder: rope_cos_sin, attend (GQA), KVCache, Attention
   6 the VLM: LlavaOnevision.pack_anyres, image_features, video_features, embed / prefill / decode_step
-  7 weights: rename, load                    8 command line: main
+  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
 
 Paper: "LLaVA-OneVision: Easy Visual Task Transfer" (arXiv 2408.03326). Matches transformers 5.23
 `models/llava_onevision/` (modeling, image/video processing, processing) with `siglip/` and `qwen2/`.
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -97,60 +96,6 @@ class LlavaOnevisionConfig:
     max_tiles: int = 9  # "anyres_max_9": the feature map is shrunk above 9 tiles' worth
     vision_feature_layer: int = -1  # which hidden state of the tower (-1: after its last layer)
     tie_word_embeddings: bool = True  # 0.5b: true, 7b: false
-
-    @staticmethod
-    def from_hf(d: dict) -> LlavaOnevisionConfig:
-        """Reads config.json (published and transformers-5 formats: both nest text_config/vision_config;
-        fields a file leaves out take transformers' class defaults, e.g. Qwen2's rope_theta of 10000)."""
-        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
-        if d.get("vision_feature_select_strategy", "full") != "full":
-            raise ValueError(
-                "vision_feature_select_strategy must be 'full' (SigLIP has no class token to drop)"
-            )
-        if not isinstance(d.get("vision_feature_layer", -1), int) or d.get("vision_feature_layer", -1) >= 0:
-            raise ValueError("vision_feature_layer must be one negative layer index (the released -1)")
-        aspect = d.get("vision_aspect_ratio", "anyres_max_9")
-        if not re.fullmatch(r"anyres_max_\d+", aspect):
-            raise ValueError(
-                f"vision_aspect_ratio={aspect!r}: llava_onevision.py implements anyres_max_N only"
-            )
-        if (
-            d.get("projector_hidden_act", "gelu") != "gelu"
-            or d.get("multimodal_projector_bias", True) is not True
-        ):
-            raise ValueError("the projector must be Linear-GELU-Linear with biases, as released")
-        rope = t.get("rope_parameters") or {}
-        text = TextConfig(
-            vocab_size=t.get("vocab_size", 151936),
-            hidden_size=t.get("hidden_size", 4096),
-            intermediate_size=t.get("intermediate_size", 22016),
-            num_hidden_layers=t.get("num_hidden_layers", 32),
-            num_attention_heads=t.get("num_attention_heads", 32),
-            num_key_value_heads=t.get("num_key_value_heads", t.get("num_attention_heads", 32)),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
-            max_position_embeddings=t.get("max_position_embeddings", 32768),
-        )
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 1152),
-            intermediate_size=v.get("intermediate_size", 4304),
-            num_hidden_layers=v.get("num_hidden_layers", 26),
-            num_attention_heads=v.get("num_attention_heads", 16),
-            num_channels=v.get("num_channels", 3),
-            image_size=v.get("image_size", 384),
-            patch_size=v.get("patch_size", 14),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-        )
-        return LlavaOnevisionConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=d.get("image_token_index", d.get("image_token_id", 151646)),
-            video_token_id=d.get("video_token_index", d.get("video_token_id", 151647)),
-            image_grid_pinpoints=tuple(tuple(p) for p in d.get("image_grid_pinpoints") or PINPOINTS),
-            max_tiles=int(aspect.removeprefix("anyres_max_")),
-            vision_feature_layer=d.get("vision_feature_layer", -1),
-            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
-        )
 
 
 # ==========================================================================================================
@@ -293,6 +238,7 @@ class Processor:
 
     def __init__(self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig):
         self.tokenizer, self.image, self.video = tokenizer, image, video
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
         self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
         self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
         self.pad_token_id = tokenizer.token_id("<|endoftext|>")
@@ -376,12 +322,6 @@ class Processor:
         ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens)
-
-    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(r, skip_special_tokens) for r in rows]
 
 
 # ==========================================================================================================
@@ -818,8 +758,11 @@ class LlavaOnevision(nn.Module):
         eos_token_ids: list[int] | None = None,
         streamer=None,
         compile: bool = False,
-    ) -> torch.Tensor:
-        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        details: bool = False,
+    ) -> torch.Tensor | common.Generation:
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
+        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        # 1. settings and checks
         B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
@@ -827,7 +770,9 @@ class LlavaOnevision(nn.Module):
         )
         tc = self.cfg.text_config
         common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
+        # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
         Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
@@ -839,6 +784,7 @@ class LlavaOnevision(nn.Module):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
+        # 4. decode, one token per step
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
@@ -847,14 +793,65 @@ class LlavaOnevision(nn.Module):
             return decode_step(token, n_real + i, next_slot + i, keep, caches)
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        return common.generate_loop(
+        gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
+        return gen if details else gen.tokens
 
 
 # ==========================================================================================================
 # 7. Weights
 # ==========================================================================================================
+
+
+def config_from_hf(d: dict) -> LlavaOnevisionConfig:
+    """Reads config.json (published and transformers-5 formats: both nest text_config/vision_config;
+    fields a file leaves out take transformers' class defaults, e.g. Qwen2's rope_theta of 10000)."""
+    t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+    if d.get("vision_feature_select_strategy", "full") != "full":
+        raise ValueError("vision_feature_select_strategy must be 'full' (SigLIP has no class token to drop)")
+    if not isinstance(d.get("vision_feature_layer", -1), int) or d.get("vision_feature_layer", -1) >= 0:
+        raise ValueError("vision_feature_layer must be one negative layer index (the released -1)")
+    aspect = d.get("vision_aspect_ratio", "anyres_max_9")
+    if not re.fullmatch(r"anyres_max_\d+", aspect):
+        raise ValueError(f"vision_aspect_ratio={aspect!r}: llava_onevision.py implements anyres_max_N only")
+    if (
+        d.get("projector_hidden_act", "gelu") != "gelu"
+        or d.get("multimodal_projector_bias", True) is not True
+    ):
+        raise ValueError("the projector must be Linear-GELU-Linear with biases, as released")
+    rope = t.get("rope_parameters") or {}
+    text = TextConfig(
+        vocab_size=t.get("vocab_size", 151936),
+        hidden_size=t.get("hidden_size", 4096),
+        intermediate_size=t.get("intermediate_size", 22016),
+        num_hidden_layers=t.get("num_hidden_layers", 32),
+        num_attention_heads=t.get("num_attention_heads", 32),
+        num_key_value_heads=t.get("num_key_value_heads", t.get("num_attention_heads", 32)),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
+    )
+    vision = VisionConfig(
+        hidden_size=v.get("hidden_size", 1152),
+        intermediate_size=v.get("intermediate_size", 4304),
+        num_hidden_layers=v.get("num_hidden_layers", 26),
+        num_attention_heads=v.get("num_attention_heads", 16),
+        num_channels=v.get("num_channels", 3),
+        image_size=v.get("image_size", 384),
+        patch_size=v.get("patch_size", 14),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+    )
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=d.get("image_token_index", d.get("image_token_id", 151646)),
+        video_token_id=d.get("video_token_index", d.get("video_token_id", 151647)),
+        image_grid_pinpoints=tuple(tuple(p) for p in d.get("image_grid_pinpoints") or PINPOINTS),
+        max_tiles=int(aspect.removeprefix("anyres_max_")),
+        vision_feature_layer=d.get("vision_feature_layer", -1),
+        tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+    )
 
 
 def rename(key: str) -> str | None:
@@ -873,7 +870,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[LlavaOne
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "llava_onevision", "llava_onevision.py")
-    cfg = LlavaOnevisionConfig.from_hf(raw)
+    cfg = config_from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
     with torch.device("meta"):
@@ -895,42 +892,42 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[LlavaOne
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = common.cli_parser(
-        sys.modules[__name__],
+    import cli  # the program's helpers: loaded when the file runs as a program, never on import
+
+    ap = cli.parser(
+        PRESETS,
+        DEFAULT,
         "Chat with LLaVA-OneVision about images and videos (one image: anyres tiles; several: a tile each).",
         "python llava_onevision.py --image examples/grace_hopper.jpg --prompt 'What is shown in this image?'",
         frames="8",
         system="none",
     )
     a = ap.parse_args(argv)
-    common.check_cli(a)
+    cli.check(a)
 
     model, processor = load(a.model, a.device, a.dtype)
-    images = [common.load_image(src) for src in a.image]
-    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
-    prompt = processor.apply_chat_template(common.cli_messages(a, len(images), len(videos)))
+    images, videos = cli.load_media(a, processor)
+    prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
     S = processor.image.size
     for i, im in enumerate(images):
         if len(images) == 1:
             lay = processor.image.layout(im.height, im.width)
             (r, c), n = lay.tiles, lay.tokens
-            common.say(
-                f"image 1: {im.width}x{im.height} -> base {S}x{S} + {r}x{c} tiles of {S} -> {n} tokens"
-            )
+            cli.say(f"image 1: {im.width}x{im.height} -> base {S}x{S} + {r}x{c} tiles of {S} -> {n} tokens")
         else:
             n = processor.image.grid**2 + 1
-            common.say(f"image {i + 1}: {im.width}x{im.height} -> one {S}x{S} tile -> {n} tokens")
+            cli.say(f"image {i + 1}: {im.width}x{im.height} -> one {S}x{S} tile -> {n} tokens")
     per_frame = math.ceil(processor.video.grid / 2) ** 2
     for i, v in enumerate(videos):
         n = len(v.indices) * per_frame + 1
-        common.say(f"video {i + 1}: {common.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
+        cli.say(f"video {i + 1}: {cli.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
     if a.show_prompt:
-        common.say(prompt)
-    ids = inputs["input_ids"]
-    n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
-    common.generate_and_report(model, inputs, a, n_visual, STAGES)
+        cli.say(prompt)
+    cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    import cli
+
+    cli.run_main(main)

@@ -24,11 +24,11 @@ Worked example (paligemma-3b-mix-224): a 480x640 photo -> resized to 224x224 -> 
 of "<image>" * 256 + "<bos>caption en\\n". Positions run 1..260; the answer starts at position 261.
 
 Where things are (section: what to read first):
-  1 config: PaliGemmaConfig.from_hf          2 preprocessing: resize_and_normalize, build_prompt, Processor,
+  1 config: PaliGemmaConfig                  2 preprocessing: resize_and_normalize, build_prompt, Processor,
     parse_boxes                              3 vision tower: SiglipVisionTower    4 projector: Projector
   5 decoder: rope_cos_sin, attend (soft-cap), Attention, DecoderLayer (Gemma / Gemma2 branches)
   6 the VLM: prefix_lm_mask, PaliGemma.embed / forward (loss) / prefill / decode_step / generate
-  7 weights: rename, load                    8 command line: main
+  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
 
 Papers: "PaliGemma: A versatile 3B VLM for transfer" (arXiv 2407.07726), "PaliGemma 2" (arXiv 2412.03555).
 Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemma2/`.
@@ -37,7 +37,6 @@ Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemm
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -104,67 +103,17 @@ class TextConfig:  # Gemma 2B (PaliGemma 1); PaliGemma 2 fills in the Gemma2 fie
     def is_gemma2(self) -> bool:
         return self.model_type == "gemma2"
 
+    @property
+    def window(self) -> int | None:
+        """The sliding window when some layer slides (Gemma2's even layers), else None."""
+        return self.sliding_window if "sliding_attention" in self.layer_types else None
+
 
 @dataclass(frozen=True)
 class PaliGemmaConfig:
     text_config: TextConfig = field(default_factory=TextConfig)
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 257152  # <image>
-
-    @staticmethod
-    def from_hf(d: dict) -> PaliGemmaConfig:
-        """Reads the published config.json (fields the repos leave out take transformers' class defaults for
-        gemma / gemma2) and the transformers-5 format (`rope_parameters`, `layer_types`)."""
-        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
-        gemma2 = t.get("model_type", "gemma") == "gemma2"
-        if t.get("model_type", "gemma") not in ("gemma", "gemma2"):
-            raise ValueError(
-                f"text_config.model_type={t.get('model_type')!r}: PaliGemma uses gemma or gemma2"
-            )
-        for what, c, key in (("text", t, "hidden_activation"), ("vision", v, "hidden_act")):
-            act = c.get(key) or c.get("hidden_act") or "gelu_pytorch_tanh"
-            if act not in ("gelu_pytorch_tanh", "gelu"):  # NOTE: a legacy "gelu" here means the tanh GELU
-                raise ValueError(f"{what} activation {act!r}: paligemma.py implements gelu_pytorch_tanh only")
-        n_layers = t.get("num_hidden_layers", 26 if gemma2 else 18)
-        text = TextConfig(
-            model_type="gemma2" if gemma2 else "gemma",
-            vocab_size=t.get("vocab_size", d.get("vocab_size", 257216)),  # NOTE: the root value can be stale
-            hidden_size=t.get("hidden_size", 2304 if gemma2 else 2048),
-            intermediate_size=t.get("intermediate_size", 9216 if gemma2 else 16384),
-            num_hidden_layers=n_layers,
-            num_attention_heads=t.get("num_attention_heads", 8 if gemma2 else 16),
-            num_key_value_heads=t.get("num_key_value_heads", 4 if gemma2 else 16),
-            head_dim=t.get("head_dim", 256),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=(t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0)),
-            max_position_embeddings=t.get("max_position_embeddings", 8192),
-        )
-        if gemma2:
-            default_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-            text = replace(
-                text,
-                query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256),
-                attn_logit_softcapping=t.get("attn_logit_softcapping", 50.0),
-                final_logit_softcapping=t.get("final_logit_softcapping", 30.0),
-                sliding_window=t.get("sliding_window", 4096),
-                layer_types=tuple(t.get("layer_types") or default_types),
-            )
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 1152),
-            intermediate_size=v.get("intermediate_size", 4304),
-            num_hidden_layers=v.get("num_hidden_layers", 27),
-            num_attention_heads=v.get("num_attention_heads", 16),
-            num_channels=v.get("num_channels", 3),
-            image_size=v.get("image_size", 224),
-            patch_size=v.get("patch_size", 14),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-        )
-        assert d.get("projection_dim", text.hidden_size) == text.hidden_size, "projector must output D"
-        return PaliGemmaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=d.get("image_token_index", d.get("image_token_id", 257152)),
-        )
 
 
 # ==========================================================================================================
@@ -225,6 +174,7 @@ class Processor:
 
     def __init__(self, tokenizer: common.Tokenizer, image: ImageInputConfig):
         self.tokenizer, self.image = tokenizer, image
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
         self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
         self.bos_token_id = tokenizer.token_id("<bos>")
         self.eos_token_id = tokenizer.token_id("<eos>")
@@ -267,12 +217,7 @@ class Processor:
             rows = [build_prompt(t, len(ims)) for t, ims in zip(texts, per_row, strict=True)]
             images = [im for ims in per_row for im in ims]
         else:
-            n = sum(t.count(IMAGE_TOKEN) for t in texts)
-            if n != len(images):
-                raise ValueError(
-                    f"the prompts have {n} {IMAGE_TOKEN} placeholder(s) but {len(images)} images "
-                    "were given: one placeholder per image"
-                )
+            common.check_placeholders(texts, {IMAGE_TOKEN: images}, "or none: build_prompt adds them")
             for t in texts:
                 end = t.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
                 rows.append(t[:end] + "<bos>" + t[end:] + "\n")
@@ -291,12 +236,6 @@ class Processor:
         if suffix is not None:
             out["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)  # loss on the answer only
         return out
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens)
-
-    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(r, skip_special_tokens) for r in rows]
 
 
 LOC_BOX = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;<]*)")
@@ -514,9 +453,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.scale = (cfg.query_pre_attn_scalar or Dh) ** -0.5  # Gemma2: query_pre_attn_scalar, not Dh
         self.softcap = cfg.attn_logit_softcapping  # Gemma2 only
-        self.sliding = bool(cfg.layer_types) and cfg.layer_types[layer_idx] == "sliding_attention"
+        self.slides = bool(cfg.layer_types) and cfg.layer_types[layer_idx] == "sliding_attention"
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slot=0):
+    def forward(self, x, cos, sin, mask, window_mask, cache: KVCache | None = None, slot=0):
+        """mask (B, 1, T, S); window_mask: the same within the sliding window, used if this layer slides."""
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -525,7 +465,7 @@ class Attention(nn.Module):
         q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
-        y = attend(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, Dh)
+        y = attend(q, k, v, window_mask if self.slides else mask, self.scale, self.softcap)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))  # (B, T, H*Dh) -> (B, T, D)
 
 
@@ -553,9 +493,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps)
             self.post_feedforward_layernorm = RMSNorm(D, eps)
 
-    def forward(self, x, cos, sin, masks, cache=None, slot=0):
-        mask = masks["sliding" if self.self_attn.sliding else "full"]
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
+    def forward(self, x, cos, sin, mask, window_mask, cache=None, slot=0):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, window_mask, cache, slot)
         if self.gemma2:  # norm the attention output, then add; the same around the MLP
             x = x + self.post_attention_layernorm(a)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -579,16 +518,22 @@ class GemmaModel(nn.Module):
         )
 
     def forward(self, x, pos, masks, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
-        """x (B, T, D) embeddings, pos (B, T), masks {"full", "sliding"} of (B, 1, T, S) -> (B, T, D)"""
+        """x (B, T, D) embeddings, pos (B, T), masks (mask, window_mask) of (B, 1, T, S) -> (B, T, D)"""
         cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks, None if caches is None else caches[i], slot)
+            x = layer(x, cos, sin, *masks, None if caches is None else caches[i], slot)
         return self.norm(x)
 
 
 # ==========================================================================================================
 # 6. The VLM: merge image features, positions, the prefix-LM mask, forward, generate
 # ==========================================================================================================
+
+
+def in_window(t: torch.Tensor, s: torch.Tensor, window: int) -> torch.Tensor:
+    """Gemma2's sliding window: key slot s is one of the last `window` slots up to query slot t (its own
+    included). t (T, 1) or (1,), s (S,) -> bool, broadcast."""
+    return s > t - window
 
 
 def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = None) -> torch.Tensor:
@@ -611,7 +556,7 @@ def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = N
     t = torch.arange(offset, offset + T, device=keep.device)[:, None]  # (T, 1): each query's own slot
     causal = s <= t  # (T, S)
     if window is not None:
-        causal = causal & (s > t - window)
+        causal = causal & in_window(t, s, window)
     both_prefix = prefix[:, offset : offset + T, None] & prefix[:, None, :]  # (B, T, S)
     return (((causal | both_prefix) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
@@ -651,11 +596,8 @@ class PaliGemma(nn.Module):
         """Scaled text embeddings with the (unscaled) image features written over the <image> tokens."""
         is_image = input_ids == self.cfg.image_token_id
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-        need = (
-            0
-            if pixel_values is None
-            else pixel_values.shape[0] * self.vision_tower.embeddings.position_embedding.num_embeddings
-        )
+        vc = self.cfg.vision_config
+        need = 0 if pixel_values is None else pixel_values.shape[0] * (vc.image_size // vc.patch_size) ** 2
         if int(is_image.sum()) != need:
             raise ValueError(
                 f"the prompt has {int(is_image.sum())} <image> tokens but the images give {need} features: "
@@ -666,12 +608,16 @@ class PaliGemma(nn.Module):
             x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))  # NOTE: no sqrt(D) on image features
         return x
 
-    def masks(self, keep, prefix, T: int, offset: int = 0) -> dict[str, torch.Tensor]:
-        full = prefix_lm_mask(keep, prefix, T, offset)
-        tc = self.cfg.text_config
-        if tc.sliding_window is None or "sliding_attention" not in tc.layer_types:
-            return {"full": full, "sliding": full}
-        return {"full": full, "sliding": prefix_lm_mask(keep, prefix, T, offset, tc.sliding_window)}
+    def masks(self, keep, prefix, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A prompt's (mask, window_mask), (B, 1, T, S) each: the prefix-LM mask, and the same within the
+        sliding window for the layers that slide (None when none does). Both None when every token sees every
+        other (no padding, no suffix): attention then runs without a mask."""
+        if bool(keep.all()) and bool(prefix.all()):
+            return None, None
+        w = self.cfg.text_config.window
+        return prefix_lm_mask(keep, prefix, T), None if w is None else prefix_lm_mask(
+            keep, prefix, T, window=w
+        )
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)
@@ -716,13 +662,12 @@ class PaliGemma(nn.Module):
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
         It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
-        s = torch.arange(keep.shape[1], device=keep.device)
-        full = keep & (s <= slot)  # a generated token is outside the prefix block: causal, padding hidden
-        sliding, tc = full, self.cfg.text_config
-        if tc.sliding_window is not None and "sliding_attention" in tc.layer_types:
-            sliding = full & (s > slot - tc.sliding_window)  # Gemma2's sliding layers: the last `window` keys
-        masks = {"full": full[:, None, None], "sliding": sliding[:, None, None]}  # (B, 1, 1, S_max) each
-        h = self.language_model(self.language_model.embed(token), pos, masks, caches, slot)
+        s, w = torch.arange(keep.shape[1], device=keep.device), self.cfg.text_config.window
+        mask = (keep & (s <= slot))[
+            :, None, None
+        ]  # (B, 1, 1, S_max): a generated token is causal, not prefix
+        window_mask = None if w is None else mask & in_window(slot, s, w)  # (B, 1, 1, S_max)
+        h = self.language_model(self.language_model.embed(token), pos, (mask, window_mask), caches, slot)
         return self.logits(h[:, -1]).float()
 
     @torch.inference_mode()
@@ -743,10 +688,12 @@ class PaliGemma(nn.Module):
         eos_token_ids: list[int] | None = None,
         streamer=None,
         compile: bool = False,
-    ) -> torch.Tensor:
+        details: bool = False,
+    ) -> torch.Tensor | common.Generation:
         """New tokens (B, N). Prefill once (image + prompt, prefix-LM mask) into a static cache, then one
         causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
-        is."""
+        is. details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        # 1. settings and checks
         B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
         if token_type_ids is None:
@@ -756,7 +703,9 @@ class PaliGemma(nn.Module):
         )
         tc = self.cfg.text_config
         common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values)
+        # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
@@ -767,14 +716,9 @@ class PaliGemma(nn.Module):
         prefix = torch.zeros(B, S_max, dtype=torch.bool, device=x.device)  # generated tokens: not prefix
         prefix[:, :T] = token_type_ids == 0
         pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
-        unpadded = bool(attention_mask.all())
-        no_masks = {"full": None, "sliding": None}
-        if unpadded and bool(prefix[:, :T].all()):  # a prompt with no suffix: every token sees every other
-            masks = no_masks
-        else:
-            masks = self.masks(keep[:, :T], prefix[:, :T], T)
-        first = self.prefill(x, pos, masks, caches)  # (B, V)
+        first = self.prefill(x, pos, self.masks(keep[:, :T], prefix[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
+        # 4. decode, one token per step
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
@@ -783,14 +727,68 @@ class PaliGemma(nn.Module):
             return decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # NOTE: 1-based positions
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        return common.generate_loop(
+        gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
+        return gen if details else gen.tokens
 
 
 # ==========================================================================================================
 # 7. Weights
 # ==========================================================================================================
+
+
+def config_from_hf(d: dict) -> PaliGemmaConfig:
+    """Reads the published config.json (fields the repos leave out take transformers' class defaults for
+    gemma / gemma2) and the transformers-5 format (`rope_parameters`, `layer_types`)."""
+    t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+    gemma2 = t.get("model_type", "gemma") == "gemma2"
+    if t.get("model_type", "gemma") not in ("gemma", "gemma2"):
+        raise ValueError(f"text_config.model_type={t.get('model_type')!r}: PaliGemma uses gemma or gemma2")
+    for what, c, key in (("text", t, "hidden_activation"), ("vision", v, "hidden_act")):
+        act = c.get(key) or c.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu"):  # NOTE: a legacy "gelu" here means the tanh GELU
+            raise ValueError(f"{what} activation {act!r}: paligemma.py implements gelu_pytorch_tanh only")
+    n_layers = t.get("num_hidden_layers", 26 if gemma2 else 18)
+    text = TextConfig(
+        model_type="gemma2" if gemma2 else "gemma",
+        vocab_size=t.get("vocab_size", d.get("vocab_size", 257216)),  # NOTE: the root value can be stale
+        hidden_size=t.get("hidden_size", 2304 if gemma2 else 2048),
+        intermediate_size=t.get("intermediate_size", 9216 if gemma2 else 16384),
+        num_hidden_layers=n_layers,
+        num_attention_heads=t.get("num_attention_heads", 8 if gemma2 else 16),
+        num_key_value_heads=t.get("num_key_value_heads", 4 if gemma2 else 16),
+        head_dim=t.get("head_dim", 256),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=(t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0)),
+        max_position_embeddings=t.get("max_position_embeddings", 8192),
+    )
+    if gemma2:
+        default_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        text = replace(
+            text,
+            query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256),
+            attn_logit_softcapping=t.get("attn_logit_softcapping", 50.0),
+            final_logit_softcapping=t.get("final_logit_softcapping", 30.0),
+            sliding_window=t.get("sliding_window", 4096),
+            layer_types=tuple(t.get("layer_types") or default_types),
+        )
+    vision = VisionConfig(
+        hidden_size=v.get("hidden_size", 1152),
+        intermediate_size=v.get("intermediate_size", 4304),
+        num_hidden_layers=v.get("num_hidden_layers", 27),
+        num_attention_heads=v.get("num_attention_heads", 16),
+        num_channels=v.get("num_channels", 3),
+        image_size=v.get("image_size", 224),
+        patch_size=v.get("patch_size", 14),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+    )
+    assert d.get("projection_dim", text.hidden_size) == text.hidden_size, "projector must output D"
+    return PaliGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=d.get("image_token_index", d.get("image_token_id", 257152)),
+    )
 
 
 def rename(key: str) -> str | None:
@@ -808,7 +806,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemm
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "paligemma", "paligemma.py")
-    cfg = PaliGemmaConfig.from_hf(raw)
+    cfg = config_from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
     with torch.device("meta"):
@@ -838,8 +836,11 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemm
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = common.cli_parser(
-        sys.modules[__name__],
+    import cli  # the program's helpers: loaded when the file runs as a program, never on import
+
+    ap = cli.parser(
+        PRESETS,
+        DEFAULT,
         "Ask PaliGemma about an image. The prompt is a task prefix: 'caption en', 'answer en <question>', "
         "'detect cat ; dog', 'ocr'. PaliGemma has no chat template, so no --system.",
         "python paligemma.py --image examples/grace_hopper.jpg --prompt 'caption en'",
@@ -850,28 +851,30 @@ def main(argv: list[str] | None = None) -> None:
         "--draw-boxes", metavar="OUT.png", help="draw the <loc> boxes of a detect answer, save here"
     )
     a = ap.parse_args(argv)
-    common.check_cli(a)
+    cli.check(a)
     if not a.image:
         raise ValueError("PaliGemma needs an image: pass --image PATH")
 
     model, processor = load(a.model, a.device, a.dtype)
-    images = [common.load_image(src) for src in a.image]
+    images, _ = cli.load_media(a, processor)
     inputs = processor(text=a.prompt, images=[images])
     S, n = processor.image.image_size, processor.image.image_seq_length
     for i, im in enumerate(images):
-        common.say(
+        cli.say(
             f"image {i + 1}: {im.width}x{im.height} -> {S}x{S} -> {S // 14}x{S // 14} patches -> {n} tokens"
         )
     if a.show_prompt:
-        common.say(processor.decode(inputs["input_ids"][0], skip_special_tokens=False))
+        cli.say(processor.decode(inputs["input_ids"][0], skip_special_tokens=False))
     n_visual = int((inputs["input_ids"] == processor.image_token_id).sum())
-    out = common.generate_and_report(model, inputs, a, n_visual, STAGES)
+    out = cli.generate_and_report(model, inputs, a, n_visual, STAGES)
     if a.draw_boxes:
         text = processor.decode(out[0], skip_special_tokens=False)
         boxes = parse_boxes(text, images[0].width, images[0].height)
         draw_boxes(images[0], boxes, a.draw_boxes)
-        common.say(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}")
+        cli.say(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    import cli
+
+    cli.run_main(main)

@@ -22,12 +22,12 @@ unscaled-down) + the thumbnail = 36 x (3, 448, 448) -> PE (36, 1 + 1024, 1024) -
 (36, 1024, 2048) -> 2x2 pool -> 36 x 256 = 9216 tokens of width 2048.
 
 Where things are (section: what to read first):
-  1 config: PerceptionLMConfig.from_hf       2 preprocessing: choose_tile_grid, thumb_and_tiles, Processor
+  1 config: PerceptionLMConfig               2 preprocessing: choose_tile_grid, thumb_and_tiles, Processor
   3 vision tower: pe_rope_angles, PEAttention, PerceptionEncoder
   4 projector: Projector (MLP, then 2x2 pooling)
   5 decoder: llama3_inv_freq, rope_cos_sin, attend (GQA), KVCache, Attention
   6 the VLM: PerceptionLM.media_features, embed / prefill / decode_step / generate
-  7 weights: rename, load                    8 command line: main
+  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
 
 Paper: "PerceptionLM: Open-Access Data and Models for Detailed Visual Understanding" (arXiv 2504.13180); the
 encoder: "Perception Encoder" (arXiv 2504.13181). Matches transformers 5.23 `models/perception_lm/` with its
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -108,68 +107,6 @@ class PerceptionLMConfig:
     vision_use_cls_token: bool = True  # drop the class token's feature before the projector
     projector_pooling_ratio: int = 2
     tie_word_embeddings: bool = True  # 1B/3B: true, 8B: false
-
-    @staticmethod
-    def from_hf(d: dict) -> PerceptionLMConfig:
-        """Reads config.json (the PLM repos were written by transformers, so both formats nest text_config and
-        vision_config; vision_config names a timm architecture plus the model_args that override it)."""
-        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
-        arch = v.get("architecture")
-        if arch not in PE_ARCHITECTURES:
-            raise ValueError(
-                f"vision architecture {arch!r}: perception_lm.py implements {sorted(PE_ARCHITECTURES)}"
-            )
-        a = dict(PE_ARCHITECTURES[arch], **(v.get("model_args") or {}))
-        if (
-            a.get("use_post_transformer_norm", True)
-            or a.get("init_values") is None
-            or a.get("global_pool") != ""
-        ):
-            raise ValueError(
-                "the PE tower must have LayerScale, no final norm and no pooling head, as released"
-            )
-        img = a.get("img_size", 448)
-        img = img if isinstance(img, int) else img[0]
-        vision = VisionConfig(
-            embed_dim=a["embed_dim"],
-            depth=a["depth"],
-            num_heads=a["num_heads"],
-            mlp_hidden=int(a["embed_dim"] * a["mlp_ratio"]),
-            image_size=img,
-            class_token=a.get("class_token", True),
-            ref_feat_shape=tuple(a.get("ref_feat_shape") or (img // 14, img // 14)),
-        )
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise ValueError(f"rope_type {kind!r}: perception_lm.py implements default and llama3 RoPE")
-        scaling = None
-        if kind == "llama3":
-            scaling = (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"])
-            scaling += (rope["original_max_position_embeddings"],)
-        H = t.get("num_attention_heads", 32)
-        text = TextConfig(
-            vocab_size=t.get("vocab_size", 32000),
-            hidden_size=t.get("hidden_size", 4096),
-            intermediate_size=t.get("intermediate_size", 11008),
-            num_hidden_layers=t.get("num_hidden_layers", 32),
-            num_attention_heads=H,
-            num_key_value_heads=t.get("num_key_value_heads", H),
-            head_dim=t.get("head_dim") or t.get("hidden_size", 4096) // H,
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-            max_position_embeddings=t.get("max_position_embeddings", 2048),
-        )
-        return PerceptionLMConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=d.get("image_token_id", 128002),
-            video_token_id=d.get("video_token_id", 128003),
-            vision_use_cls_token=d.get("vision_use_cls_token", True),
-            projector_pooling_ratio=d.get("projector_pooling_ratio", 1),
-            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
-        )
 
 
 # ==========================================================================================================
@@ -280,6 +217,7 @@ class Processor:
 
     def __init__(self, tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int, pool: int):
         self.tokenizer, self.image, self.video, self.patch, self.pool = tokenizer, image, video, patch, pool
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
         self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
         self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
         self.pad_token_id = tokenizer.token_id("<|end_of_text|>")
@@ -361,12 +299,6 @@ class Processor:
         ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens)
-
-    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(r, skip_special_tokens) for r in rows]
 
 
 # ==========================================================================================================
@@ -797,8 +729,11 @@ class PerceptionLM(nn.Module):
         eos_token_ids: list[int] | None = None,
         streamer=None,
         compile: bool = False,
-    ) -> torch.Tensor:
-        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        details: bool = False,
+    ) -> torch.Tensor | common.Generation:
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
+        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        # 1. settings and checks
         B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
@@ -806,7 +741,9 @@ class PerceptionLM(nn.Module):
         )
         tc = self.cfg.text_config
         common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
+        # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
         caches = [
             KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
@@ -817,6 +754,7 @@ class PerceptionLM(nn.Module):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
+        # 4. decode, one token per step
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
@@ -825,14 +763,71 @@ class PerceptionLM(nn.Module):
             return decode_step(token, n_real + i, next_slot + i, keep, caches)
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        return common.generate_loop(
+        gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
+        return gen if details else gen.tokens
 
 
 # ==========================================================================================================
 # 7. Weights
 # ==========================================================================================================
+
+
+def config_from_hf(d: dict) -> PerceptionLMConfig:
+    """Reads config.json (the PLM repos were written by transformers, so both formats nest text_config and
+    vision_config; vision_config names a timm architecture plus the model_args that override it)."""
+    t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+    arch = v.get("architecture")
+    if arch not in PE_ARCHITECTURES:
+        raise ValueError(
+            f"vision architecture {arch!r}: perception_lm.py implements {sorted(PE_ARCHITECTURES)}"
+        )
+    a = dict(PE_ARCHITECTURES[arch], **(v.get("model_args") or {}))
+    if a.get("use_post_transformer_norm", True) or a.get("init_values") is None or a.get("global_pool") != "":
+        raise ValueError("the PE tower must have LayerScale, no final norm and no pooling head, as released")
+    img = a.get("img_size", 448)
+    img = img if isinstance(img, int) else img[0]
+    vision = VisionConfig(
+        embed_dim=a["embed_dim"],
+        depth=a["depth"],
+        num_heads=a["num_heads"],
+        mlp_hidden=int(a["embed_dim"] * a["mlp_ratio"]),
+        image_size=img,
+        class_token=a.get("class_token", True),
+        ref_feat_shape=tuple(a.get("ref_feat_shape") or (img // 14, img // 14)),
+    )
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope_type {kind!r}: perception_lm.py implements default and llama3 RoPE")
+    scaling = None
+    if kind == "llama3":
+        scaling = (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"])
+        scaling += (rope["original_max_position_embeddings"],)
+    H = t.get("num_attention_heads", 32)
+    text = TextConfig(
+        vocab_size=t.get("vocab_size", 32000),
+        hidden_size=t.get("hidden_size", 4096),
+        intermediate_size=t.get("intermediate_size", 11008),
+        num_hidden_layers=t.get("num_hidden_layers", 32),
+        num_attention_heads=H,
+        num_key_value_heads=t.get("num_key_value_heads", H),
+        head_dim=t.get("head_dim") or t.get("hidden_size", 4096) // H,
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=t.get("max_position_embeddings", 2048),
+    )
+    return PerceptionLMConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=d.get("image_token_id", 128002),
+        video_token_id=d.get("video_token_id", 128003),
+        vision_use_cls_token=d.get("vision_use_cls_token", True),
+        projector_pooling_ratio=d.get("projector_pooling_ratio", 1),
+        tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+    )
 
 
 def rename(key: str) -> str | None:
@@ -849,7 +844,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Percepti
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "perception_lm", "perception_lm.py")
-    cfg = PerceptionLMConfig.from_hf(raw)
+    cfg = config_from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
     with torch.device("meta"):
@@ -871,8 +866,11 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Percepti
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = common.cli_parser(
-        sys.modules[__name__],
+    import cli  # the program's helpers: loaded when the file runs as a program, never on import
+
+    ap = cli.parser(
+        PRESETS,
+        DEFAULT,
         "Chat with PerceptionLM about images and videos.",
         "python perception_lm.py --image examples/grace_hopper.jpg --prompt 'Describe it.' --max-num-tiles 9",
         frames="16",
@@ -880,31 +878,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--max-num-tiles", type=int, help="at most this many tiles per image (default: 36)")
     a = ap.parse_args(argv)
-    common.check_cli(a)
+    cli.check(a)
     if a.max_num_tiles is not None and a.max_num_tiles < 1:
         raise ValueError(f"--max-num-tiles must be >= 1, got {a.max_num_tiles}")
 
     model, processor = load(a.model, a.device, a.dtype)
     if a.max_num_tiles is not None:
         processor.image = replace(processor.image, max_num_tiles=a.max_num_tiles)
-    images = [common.load_image(src) for src in a.image]
-    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
-    prompt = processor.apply_chat_template(common.cli_messages(a, len(images), len(videos)))
+    images, videos = cli.load_media(a, processor)
+    prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
     S, per_tile = processor.image.tile_size, model.tokens_per_tile()
     for i, im in enumerate(images):
         c, r = choose_tile_grid(im.width, im.height, S, processor.image.max_num_tiles)
         n = (1 + c * r) * per_tile if processor.image.thumb_and_tiles else per_tile
-        common.say(f"image {i + 1}: {im.width}x{im.height} -> thumbnail + {c}x{r} tiles of {S} -> {n} tokens")
+        cli.say(f"image {i + 1}: {im.width}x{im.height} -> thumbnail + {c}x{r} tiles of {S} -> {n} tokens")
     for i, v in enumerate(videos):
         n = len(v.indices) * per_tile
-        common.say(f"video {i + 1}: {common.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
+        cli.say(f"video {i + 1}: {cli.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
     if a.show_prompt:
-        common.say(prompt)
-    ids = inputs["input_ids"]
-    n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
-    common.generate_and_report(model, inputs, a, n_visual, STAGES)
+        cli.say(prompt)
+    cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    import cli
+
+    cli.run_main(main)

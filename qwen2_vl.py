@@ -23,11 +23,12 @@ written over the 391 <|image_pad|> placeholders of the prompt. Text after the im
 start + max(17, 23) = +23.
 
 Where things are (section: what to read first):
-  1 config: Qwen2VLConfig.from_hf            2 preprocessing: smart_resize, patchify, Processor.__call__
-  3 vision tower: vision_rope_angles, VisionAttention (block-diagonal), VisionTransformer
-  4 projector: PatchMerger (2x2 merge)        5 decoder: mrope_cos_sin, attend (GQA), KVCache, Attention
+  1 config: Qwen2VLConfig                    2 preprocessing: smart_resize, patchify, Processor.__call__
+  3 vision tower: vision_rope_angles, VisionAttention (block-diagonal), VisionBlock
+  4 projector: PatchMerger (2x2 merge), VisionTransformer (the tower with its merger)
+  5 decoder: mrope_cos_sin, attend (GQA), KVCache, Attention
   6 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
-  7 weights: rename, load                    8 command line: main
+  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
 
 Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv
 2409.12191). Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing),
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,53 +91,6 @@ class Qwen2VLConfig:
     tie_word_embeddings: bool = True  # 2B: true, 7B: false
     image_token_id: int = 151655  # <|image_pad|>
     video_token_id: int = 151656  # <|video_pad|>
-
-    @staticmethod
-    def from_hf(d: dict) -> Qwen2VLConfig:
-        """Reads the published flat config.json (text fields at the root, `rope_scaling`) and the
-        transformers-5 format (`text_config`, `rope_parameters`)."""
-        t = d.get("text_config") or d  # flat: the text fields are at the root
-        rope = t.get("rope_parameters") or {}
-        scaling = t.get("rope_scaling") or d.get("rope_scaling") or {}
-        if t.get("use_sliding_window"):
-            raise ValueError(
-                "use_sliding_window=true: no released Qwen2-VL uses it and qwen2_vl.py does not either"
-            )
-        text = TextConfig(
-            vocab_size=t["vocab_size"],
-            hidden_size=t["hidden_size"],
-            intermediate_size=t["intermediate_size"],
-            num_hidden_layers=t["num_hidden_layers"],
-            num_attention_heads=t["num_attention_heads"],
-            num_key_value_heads=t["num_key_value_heads"],
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
-            mrope_section=tuple(rope.get("mrope_section", scaling.get("mrope_section", (16, 24, 24)))),
-            max_position_embeddings=t.get("max_position_embeddings", 32768),
-        )
-        v = d["vision_config"]
-        vision = VisionConfig(
-            depth=v["depth"],
-            embed_dim=v["embed_dim"],
-            num_heads=v["num_heads"],
-            mlp_ratio=v.get("mlp_ratio", 4.0),
-            hidden_size=v.get("hidden_size", text.hidden_size),
-            in_channels=v.get("in_channels", v.get("in_chans", 3)),
-            patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
-            temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-        )
-        head_dim = text.hidden_size // text.num_attention_heads
-        assert sum(text.mrope_section) * 2 == head_dim, "mrope_section must cover head_dim / 2 frequencies"
-        assert vision.hidden_size == text.hidden_size, "the merger must output the decoder's width"
-        return Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-        )
 
 
 # ==========================================================================================================
@@ -258,6 +211,7 @@ class Processor:
         pad_token: str = "<|endoftext|>",
     ):
         self.tokenizer, self.image, self.video = tokenizer, image, video
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
         self.pad_token_id = tokenizer.token_id(pad_token)
         self.image_token_id = tokenizer.token_id(IMAGE_PAD)
         self.video_token_id = tokenizer.token_id(VIDEO_PAD)
@@ -296,16 +250,12 @@ class Processor:
                     kind = item.get("type")
                     if kind == "image" or "image" in item or "image_url" in item:
                         n_images += 1
-                        out.append(
-                            (f"Picture {n_images}: " if add_vision_id else "")
-                            + f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
-                        )
+                        label = f"Picture {n_images}: " if add_vision_id else ""
+                        out.append(f"{label}<|vision_start|>{IMAGE_PAD}<|vision_end|>")
                     elif kind == "video" or "video" in item:
                         n_videos += 1
-                        out.append(
-                            (f"Video {n_videos}: " if add_vision_id else "")
-                            + f"<|vision_start|>{VIDEO_PAD}<|vision_end|>"
-                        )
+                        label = f"Video {n_videos}: " if add_vision_id else ""
+                        out.append(f"{label}<|vision_start|>{VIDEO_PAD}<|vision_end|>")
                     elif "text" in item:
                         out.append(item["text"])
             out.append("<|im_end|>\n")
@@ -363,12 +313,6 @@ class Processor:
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens)
-
-    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(r, skip_special_tokens) for r in rows]
 
 
 # ==========================================================================================================
@@ -459,6 +403,23 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.proj.weight.flatten(1))  # weight (Dv, C, Tp, P, P) -> (Dv, C*Tp*P*P)
 
 
+# ==========================================================================================================
+# 4. Projector: the 2x2 patch merger, and the tower that holds it (as `visual.merger`)
+# ==========================================================================================================
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        width = cfg.embed_dim * cfg.spatial_merge_size**2
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Dv) -> (N/4, D)
+        x = self.ln_q(x).view(-1, self.mlp[0].in_features)  # (N/4, 4*Dv): 4 consecutive rows = one 2x2 window
+        return self.mlp(x)  # (N/4, D)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -483,23 +444,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, runs)
         return self.merger(x)
-
-
-# ==========================================================================================================
-# 4. Projector: the 2x2 patch merger (stored inside the vision tower, as `visual.merger`)
-# ==========================================================================================================
-
-
-class PatchMerger(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        width = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Dv) -> (N/4, D)
-        x = self.ln_q(x).view(-1, self.mlp[0].in_features)  # (N/4, 4*Dv): 4 consecutive rows = one 2x2 window
-        return self.mlp(x)  # (N/4, D)
 
 
 # ==========================================================================================================
@@ -839,8 +783,11 @@ class Qwen2VL(nn.Module):
         eos_token_ids: list[int] | None = None,
         streamer=None,
         compile: bool = False,
-    ) -> torch.Tensor:
-        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        details: bool = False,
+    ) -> torch.Tensor | common.Generation:
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
+        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        # 1. settings and checks
         B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
@@ -854,7 +801,9 @@ class Qwen2VL(nn.Module):
         common.check_context(
             int((attention_mask.sum(1) + delta).max()), max_new_tokens, tc.max_position_embeddings
         )
+        # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
         Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
@@ -865,6 +814,7 @@ class Qwen2VL(nn.Module):
         keep[:, :T] = attention_mask.bool()
         first = self.prefill(x, pos3, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
+        # 4. decode, one token per step
         n_real = attention_mask.sum(1)  # (B,)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
@@ -875,14 +825,62 @@ class Qwen2VL(nn.Module):
             return decode_step(token, p, next_slot + i, keep, caches)
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        return common.generate_loop(
+        gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
+        return gen if details else gen.tokens
 
 
 # ==========================================================================================================
 # 7. Weights
 # ==========================================================================================================
+
+
+def config_from_hf(d: dict) -> Qwen2VLConfig:
+    """Reads the published flat config.json (text fields at the root, `rope_scaling`) and the
+    transformers-5 format (`text_config`, `rope_parameters`)."""
+    t = d.get("text_config") or d  # flat: the text fields are at the root
+    rope = t.get("rope_parameters") or {}
+    scaling = t.get("rope_scaling") or d.get("rope_scaling") or {}
+    if t.get("use_sliding_window"):
+        raise ValueError(
+            "use_sliding_window=true: no released Qwen2-VL uses it and qwen2_vl.py does not either"
+        )
+    text = TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_key_value_heads"],
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+        mrope_section=tuple(rope.get("mrope_section", scaling.get("mrope_section", (16, 24, 24)))),
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
+    )
+    v = d["vision_config"]
+    vision = VisionConfig(
+        depth=v["depth"],
+        embed_dim=v["embed_dim"],
+        num_heads=v["num_heads"],
+        mlp_ratio=v.get("mlp_ratio", 4.0),
+        hidden_size=v.get("hidden_size", text.hidden_size),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+        patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+    )
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert sum(text.mrope_section) * 2 == head_dim, "mrope_section must cover head_dim / 2 frequencies"
+    assert vision.hidden_size == text.hidden_size, "the merger must output the decoder's width"
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+        image_token_id=d.get("image_token_id", 151655),
+        video_token_id=d.get("video_token_id", 151656),
+    )
 
 
 def rename(key: str) -> str | None:
@@ -899,7 +897,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL,
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "qwen2_vl", "qwen2_vl.py")
-    cfg = Qwen2VLConfig.from_hf(raw)
+    cfg = config_from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
     with torch.device("meta"):
@@ -919,8 +917,11 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = common.cli_parser(
-        sys.modules[__name__],
+    import cli  # the program's helpers: loaded when the file runs as a program, never on import
+
+    ap = cli.parser(
+        PRESETS,
+        DEFAULT,
         "Chat with Qwen2-VL about images and videos.",
         "python qwen2_vl.py --image examples/grace_hopper.jpg --prompt 'Describe this image.'",
         frames="2 per second, at least 4, an even count",
@@ -931,29 +932,30 @@ def main(argv: list[str] | None = None) -> None:
         "--max-pixels", type=int, help="upper bound; tokens = pixels / 784 (default: the checkpoint's)"
     )
     a = ap.parse_args(argv)
-    common.check_cli(a)
-    bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
-    replace(VisionInputConfig(min_pixels=3136, max_pixels=12845056), **bounds)  # checks them before loading
+    cli.check(a)
 
     model, processor = load(a.model, a.device, a.dtype)
+    bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
     processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
-    images = [common.load_image(src) for src in a.image]
-    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
-    prompt = processor.apply_chat_template(common.cli_messages(a, len(images), len(videos)))
+    images, videos = cli.load_media(a, processor)
+    prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
+    P, M = processor.image.patch_size, processor.image.merge_size
     for i, (im, (_, h, w)) in enumerate(
         zip(images, inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
     ):
-        size = f"{im.width}x{im.height} -> {w * 14}x{h * 14}"
-        common.say(f"image {i + 1}: {size} -> {h}x{w} patches -> {h * w // 4} tokens")
+        size = f"{im.width}x{im.height} -> {w * P}x{h * P}"
+        cli.say(f"image {i + 1}: {size} -> {h}x{w} patches -> {h * w // M**2} tokens")
+    P, M = processor.video.patch_size, processor.video.merge_size
     for i, (v, (t, h, w)) in enumerate(zip(videos, inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())):
-        size = f"{common.describe(v)} -> {w * 14}x{h * 14}"
-        common.say(f"video {i + 1}: {size} -> grid {t}x{h}x{w} -> {t * h * w // 4} tokens")
+        size = f"{cli.describe(v)} -> {w * P}x{h * P}"
+        cli.say(f"video {i + 1}: {size} -> grid {t}x{h}x{w} -> {t * h * w // M**2} tokens")
     if a.show_prompt:
-        common.say(prompt)
-    n_visual = int((inputs["mm_token_type_ids"] > 0).sum())
-    common.generate_and_report(model, inputs, a, n_visual, STAGES)
+        cli.say(prompt)
+    cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    import cli
+
+    cli.run_main(main)

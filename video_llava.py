@@ -19,11 +19,11 @@ image tower -> hidden state -2 (1, 257, 1024) -> drop CLS -> 256 x 1024 -> proje
 -> 8 frames of 224x224 -> video tower -> (8, 257, 1024) -> projector -> 2056 x 4096, frame after frame.
 
 Where things are (section: what to read first):
-  1 config: VideoLlavaConfig.from_hf         2 preprocessing: preprocess_image, preprocess_frames,
+  1 config: VideoLlavaConfig                 2 preprocessing: preprocess_image, preprocess_frames,
     Processor.load_video                     3 vision towers: ClipVisionTower    4 projector: Projector
   5 decoder: rope_cos_sin, attend, KVCache, Attention
   6 the VLM: VideoLlava.image_features, video_features, embed / prefill / decode_step / generate
-  7 weights: rename, load                    8 command line: main
+  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
 
 Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before Projection" (arXiv
 2311.10122). Matches transformers 5.23 `models/video_llava/` with `clip/` and `llama/`.
@@ -32,7 +32,6 @@ Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before P
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,63 +86,6 @@ class VideoLlavaConfig:
     video_token_id: int = 32001  # <video>
     vision_feature_layer: int = -2  # the penultimate layer's output
     tie_word_embeddings: bool = False
-
-    @staticmethod
-    def from_hf(d: dict) -> VideoLlavaConfig:
-        """Reads config.json (published and transformers-5 formats both nest text_config/vision_config;
-        fields a file leaves out take transformers' class defaults: Llama's, CLIP ViT-L/14's)."""
-        t, v = d.get("text_config") or {}, d.get("vision_config") or {}
-        if d.get("vision_feature_select_strategy", "default") != "default":
-            raise ValueError(
-                "vision_feature_select_strategy must be 'default' (images drop CLS), as released"
-            )
-        if not isinstance(d.get("vision_feature_layer", -2), int) or d.get("vision_feature_layer", -2) >= 0:
-            raise ValueError("vision_feature_layer must be one negative layer index (the released -2)")
-        if (
-            v.get("hidden_act", "quick_gelu") != "quick_gelu"
-            or d.get("projector_hidden_act", "gelu") != "gelu"
-        ):
-            raise ValueError(
-                "video_llava.py implements quick_gelu CLIP towers and a GELU projector, as released"
-            )
-        rope = t.get("rope_parameters") or {}
-        text = TextConfig(
-            vocab_size=t.get("vocab_size", 32000),
-            hidden_size=t.get("hidden_size", 4096),
-            intermediate_size=t.get("intermediate_size", 11008),
-            num_hidden_layers=t.get("num_hidden_layers", 32),
-            num_attention_heads=t.get("num_attention_heads", 32),
-            num_key_value_heads=t.get("num_key_value_heads", t.get("num_attention_heads", 32)),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),  # NOTE: Llama's class default; Vicuna's file says 1e-5
-            rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
-            max_position_embeddings=t.get("max_position_embeddings", 2048),
-        )
-        if (
-            t.get("attention_bias")
-            or t.get("mlp_bias")
-            or (t.get("rope_scaling") or rope.get("rope_type", "default") != "default")
-        ):
-            raise ValueError(
-                "video_llava.py implements the plain Llama 2 decoder (no biases, no RoPE scaling)"
-            )
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 768),
-            intermediate_size=v.get("intermediate_size", 3072),
-            num_hidden_layers=v.get("num_hidden_layers", 12),
-            num_attention_heads=v.get("num_attention_heads", 12),
-            num_channels=v.get("num_channels", 3),
-            image_size=v.get("image_size", 224),
-            patch_size=v.get("patch_size", 32),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-5),
-        )
-        return VideoLlavaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-            video_token_id=d.get("video_token_index", d.get("video_token_id", 32001)),
-            vision_feature_layer=d.get("vision_feature_layer", -2),
-            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
-        )
 
 
 # ==========================================================================================================
@@ -220,6 +162,7 @@ class Processor:
         self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int
     ):
         self.tokenizer, self.image, self.video, self.patch = tokenizer, image, video, patch
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
         self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
         self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
         self.bos_token_id = tokenizer.token_id("<s>")
@@ -308,12 +251,6 @@ class Processor:
         ]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens)
-
-    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(r, skip_special_tokens) for r in rows]
 
 
 # ==========================================================================================================
@@ -689,8 +626,11 @@ class VideoLlava(nn.Module):
         eos_token_ids: list[int] | None = None,
         streamer=None,
         compile: bool = False,
-    ) -> torch.Tensor:
-        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step."""
+        details: bool = False,
+    ) -> torch.Tensor | common.Generation:
+        """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
+        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        # 1. settings and checks
         B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
         settings = common.GenerationSettings(
@@ -698,9 +638,11 @@ class VideoLlava(nn.Module):
         )
         tc = self.cfg.text_config
         common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        # 2. vision features, written over the placeholders
         x = self.embed(
             input_ids, pixel_values_images if pixel_values is None else pixel_values, pixel_values_videos
         )
+        # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
         Dh = tc.hidden_size // tc.num_attention_heads
         caches = [
@@ -712,6 +654,7 @@ class VideoLlava(nn.Module):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
+        # 4. decode, one token per step
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
@@ -720,14 +663,63 @@ class VideoLlava(nn.Module):
             return decode_step(token, n_real + i, next_slot + i, keep, caches)
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
-        return common.generate_loop(
+        gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )
+        return gen if details else gen.tokens
 
 
 # ==========================================================================================================
 # 7. Weights
 # ==========================================================================================================
+
+
+def config_from_hf(d: dict) -> VideoLlavaConfig:
+    """Reads config.json (published and transformers-5 formats both nest text_config/vision_config;
+    fields a file leaves out take transformers' class defaults: Llama's, CLIP ViT-L/14's)."""
+    t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+    if d.get("vision_feature_select_strategy", "default") != "default":
+        raise ValueError("vision_feature_select_strategy must be 'default' (images drop CLS), as released")
+    if not isinstance(d.get("vision_feature_layer", -2), int) or d.get("vision_feature_layer", -2) >= 0:
+        raise ValueError("vision_feature_layer must be one negative layer index (the released -2)")
+    if v.get("hidden_act", "quick_gelu") != "quick_gelu" or d.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError("video_llava.py implements quick_gelu CLIP towers and a GELU projector, as released")
+    rope = t.get("rope_parameters") or {}
+    text = TextConfig(
+        vocab_size=t.get("vocab_size", 32000),
+        hidden_size=t.get("hidden_size", 4096),
+        intermediate_size=t.get("intermediate_size", 11008),
+        num_hidden_layers=t.get("num_hidden_layers", 32),
+        num_attention_heads=t.get("num_attention_heads", 32),
+        num_key_value_heads=t.get("num_key_value_heads", t.get("num_attention_heads", 32)),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),  # NOTE: Llama's class default; Vicuna's file says 1e-5
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+        max_position_embeddings=t.get("max_position_embeddings", 2048),
+    )
+    if (
+        t.get("attention_bias")
+        or t.get("mlp_bias")
+        or (t.get("rope_scaling") or rope.get("rope_type", "default") != "default")
+    ):
+        raise ValueError("video_llava.py implements the plain Llama 2 decoder (no biases, no RoPE scaling)")
+    vision = VisionConfig(
+        hidden_size=v.get("hidden_size", 768),
+        intermediate_size=v.get("intermediate_size", 3072),
+        num_hidden_layers=v.get("num_hidden_layers", 12),
+        num_attention_heads=v.get("num_attention_heads", 12),
+        num_channels=v.get("num_channels", 3),
+        image_size=v.get("image_size", 224),
+        patch_size=v.get("patch_size", 32),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+    )
+    return VideoLlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+        video_token_id=d.get("video_token_index", d.get("video_token_id", 32001)),
+        vision_feature_layer=d.get("vision_feature_layer", -2),
+        tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+    )
 
 
 def rename(key: str) -> str | None:
@@ -746,7 +738,7 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLla
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "video_llava", "video_llava.py")
-    cfg = VideoLlavaConfig.from_hf(raw)
+    cfg = config_from_hf(raw)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device)
     with torch.device("meta"):
@@ -766,35 +758,37 @@ def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLla
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = common.cli_parser(
-        sys.modules[__name__],
+    import cli  # the program's helpers: loaded when the file runs as a program, never on import
+
+    ap = cli.parser(
+        PRESETS,
+        DEFAULT,
         "Chat with Video-LLaVA about images and videos (trained on 8 frames per video).",
         "python video_llava.py --video examples/pan.mp4 --prompt 'What happens in this video?'",
         frames=f"{TRAINED_FRAMES}, the trained count",
         system="none",
     )
     a = ap.parse_args(argv)
-    common.check_cli(a)
+    cli.check(a)
 
     model, processor = load(a.model, a.device, a.dtype)
-    images = [common.load_image(src) for src in a.image]
-    videos = [processor.load_video(src, a.num_frames, a.fps) for src in a.video]
-    prompt = processor.apply_chat_template(common.cli_messages(a, len(images), len(videos)))
+    images, videos = cli.load_media(a, processor)
+    prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
     C, G = processor.image.crop, processor.image.crop // processor.patch
     for i, im in enumerate(images):
-        common.say(
+        cli.say(
             f"image {i + 1}: {im.width}x{im.height} -> centre {C}x{C} -> {G}x{G} patches -> {G * G} tokens"
         )
     for i, v in enumerate(videos):
         n = len(v.indices) * (G * G + 1)
-        common.say(f"video {i + 1}: {common.describe(v)} -> {len(v.indices)} x (CLS + {G}x{G}) -> {n} tokens")
+        cli.say(f"video {i + 1}: {cli.describe(v)} -> {len(v.indices)} x (CLS + {G}x{G}) -> {n} tokens")
     if a.show_prompt:
-        common.say(prompt)
-    ids = inputs["input_ids"]
-    n_visual = int((ids == processor.image_token_id).sum() + (ids == processor.video_token_id).sum())
-    common.generate_and_report(model, inputs, a, n_visual, STAGES)
+        cli.say(prompt)
+    cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    import cli
+
+    cli.run_main(main)

@@ -86,7 +86,7 @@ def meta_model(m, config_json: Path) -> torch.nn.Module:
     config class XConfig sits beside it in the file."""
     for name, cls in vars(m).items():
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(m, name + "Config"):
-            cfg = getattr(m, name + "Config").from_hf(json.loads(Path(config_json).read_text()))
+            cfg = m.config_from_hf(json.loads(Path(config_json).read_text()))
             with torch.device("meta"):
                 return cls(cfg)
     raise ValueError(f"no model class with a config class in {m.__name__}")

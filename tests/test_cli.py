@@ -1,6 +1,6 @@
 """The five command lines: one set of shared flags, and every bad input ends in one `error:` line.
 
-The bad-input matrix runs each file's `main` in this process through `common.run_main`, exactly as the
+The bad-input matrix runs each file's `main` in this process through `cli.run_main`, exactly as the
 `if __name__ == "__main__"` line does, so it is fast; a few tests run the real scripts."""
 
 import importlib
@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
+import cli
 import common
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -47,7 +48,7 @@ def run(capsys, file, args):
     """(exit status, stdout, stderr) of `python FILE.py ARGS`, run in this process."""
     m = importlib.import_module(file)
     with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: m.main([str(a) for a in args]))
+        cli.run_main(lambda: m.main([str(a) for a in args]))
         raise SystemExit(0)
     out, err = capsys.readouterr()
     return e.value.code, out, err
@@ -318,3 +319,19 @@ def test_preprocessing_ranges_in_the_python_api():
         qwen2_vl.VisionInputConfig(min_pixels=5000, max_pixels=4000)
     with pytest.raises(ValueError, match="max_num_tiles must be >= 1"):
         perception_lm.VisionInputConfig(max_num_tiles=0)
+
+
+def test_importing_a_model_file_does_not_load_the_command_line():
+    """The unit a researcher copies is a model file and common.py: importing the five files (in a fresh
+    interpreter) never loads cli.py. torch itself imports argparse, so cli is the module to look for."""
+    code = f"import sys, {', '.join(FILES)}; print('cli' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+
+
+def test_no_function_changes_module_state():
+    """Settings travel as arguments and results as return values: no `global` statement anywhere."""
+    for name in [*FILES, "common", "cli", "bench"]:
+        source = (ROOT / f"{name}.py").read_text()
+        assert not [line for line in source.splitlines() if line.strip().startswith("global ")], name

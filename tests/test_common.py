@@ -158,7 +158,7 @@ def test_generate_loop_stops_rows_and_pads():
         [eos],
         pad,
     )
-    assert out.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]]
+    assert out.tokens.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]] and out.stopped == "eos"
     out = common.generate_loop(
         onehot(0),
         lambda tok, i: onehot(i + 1),
@@ -168,7 +168,7 @@ def test_generate_loop_stops_rows_and_pads():
         [],
         pad,
     )
-    assert out.tolist() == script[:, :4].tolist()
+    assert out.tokens.tolist() == script[:, :4].tolist() and out.stopped == "max_new_tokens"
 
 
 def test_streaming_decode_is_utf8_safe(tmp_path):

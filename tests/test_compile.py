@@ -21,6 +21,7 @@ KINDS = {  # decoder kind -> (model file, builder options)
 }
 PLACEHOLDER = {"qwen2_vl": "<|image_pad|>", "perception_lm": "<|image|>"}  # the others: <image>
 BF16_TOLERANCE = 0.05  # max |bf16 - fp32| logit, as a share of the largest fp32 logit (measured: <= 0.03)
+NEW_TOKEN_TYPE = {"paligemma": {"token_type_ids": 1}}  # generated tokens are PaliGemma's causal suffix
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def test_bfloat16_on_cpu(file, built):
     assert (got - ref).abs().max() <= BF16_TOLERANCE * ref.abs().max()
     out = b16.generate(**inputs, max_new_tokens=8, eos_token_ids=[])
     assert out.shape == (2, 8)
+    assert tiny.greedy_shortfall(f32, inputs, out, NEW_TOKEN_TYPE.get(file)) <= BF16_TOLERANCE
 
 
 def test_decode_step_has_static_shapes(built):
@@ -107,12 +109,12 @@ def test_decode_step_has_static_shapes(built):
 
 
 def test_cli_compile_reports_the_compile_time(built, tmp_path, capsys):
-    import common
+    import cli
     import qwen2_vl
 
     args = ["--model", built("qwen2_vl"), "--prompt", "hello", "--device", "cpu", "--max-new-tokens", "4"]
     with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: qwen2_vl.main([str(a) for a in [*args, "--compile"]]))
+        cli.run_main(lambda: qwen2_vl.main([str(a) for a in [*args, "--compile"]]))
         raise SystemExit(0)
     out, err = capsys.readouterr()
     assert e.value.code == 0, err
@@ -123,12 +125,13 @@ def test_cli_compile_reports_the_compile_time(built, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # On a CUDA GPU (bfloat16, the default there)
 
-CUDA_GREEDY_STEPS = 4  # bf16 rounding may change a near-tie after a few tokens of a random tiny model
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("file", FILES)
 def test_cuda_bfloat16_against_cpu_float32(file, built):
+    """bf16 on CUDA against fp32 on the CPU. Greedy tokens are judged by their shortfall under the fp32 model
+    (tiny.greedy_shortfall): a random tiny model has near-ties that bf16 rounding may break either way, as it
+    did on an H200 for LLaVA-OneVision (step 3) and Video-LLaVA (a first-token gap of 0.1 in 5.0)."""
     m = importlib.import_module(file)
     f32, proc = m.load(built(file), device="cpu")
     gpu, _ = m.load(built(file), device="cuda")
@@ -138,15 +141,14 @@ def test_cuda_bfloat16_against_cpu_float32(file, built):
     with torch.no_grad():
         ref, got = f32(**inputs), gpu(**on_gpu).float().cpu()
     assert (got - ref).abs().max() <= BF16_TOLERANCE * ref.abs().max()
-    want = f32.generate(**inputs, max_new_tokens=CUDA_GREEDY_STEPS, eos_token_ids=[])
-    eager = gpu.generate(**on_gpu, max_new_tokens=16, eos_token_ids=[])
-    assert torch.equal(eager[:, :CUDA_GREEDY_STEPS].cpu(), want)
-    for b, text in enumerate(prompts(file)):  # batch = one by one
+    new_type = NEW_TOKEN_TYPE.get(file)
+    for compile in (False, True):  # eager, then the compiled step with CUDA graphs
+        out = gpu.generate(**on_gpu, max_new_tokens=16, eos_token_ids=[], compile=compile).cpu()
+        assert tiny.greedy_shortfall(f32, inputs, out, new_type) <= BF16_TOLERANCE
+    for text in prompts(file):  # each row alone
         alone = proc(text=[text], images=[tiny.synthetic_image(60, 80)])
-        alone = gpu.generate(**{k: v.cuda() for k, v in alone.items()}, max_new_tokens=16, eos_token_ids=[])
-        assert torch.equal(alone[:, :CUDA_GREEDY_STEPS], eager[b : b + 1, :CUDA_GREEDY_STEPS])
-    compiled = gpu.generate(**on_gpu, max_new_tokens=16, eos_token_ids=[], compile=True)
-    assert torch.equal(compiled, eager)
+        out = gpu.generate(**{k: v.cuda() for k, v in alone.items()}, max_new_tokens=16, eos_token_ids=[])
+        assert tiny.greedy_shortfall(f32, alone, out.cpu(), new_type) <= BF16_TOLERANCE
 
 
 @pytest.mark.gpu

@@ -253,7 +253,7 @@ def test_real_config_shapes(name):
     mine, theirs = tiny.real_config_pair(
         DATA / f"{name}.config.json",
         lo.LlavaOnevision,
-        lo.LlavaOnevisionConfig,
+        lo.config_from_hf,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionConfig,
     )

@@ -177,10 +177,10 @@ def test_sliding_window_is_exercised(ours, ref, monkeypatch):
     tc = model.cfg.text_config
     got, _ = logits_case(proc, ref[0], "suffix")
     if not tc.is_gemma2:  # PaliGemma 1: one mask for every layer
-        masks = model.masks(
+        mask, window_mask = model.masks(
             got["attention_mask"].bool(), got["token_type_ids"] == 0, got["input_ids"].shape[1]
         )
-        assert masks["sliding"] is masks["full"] and tc.sliding_window is None
+        assert mask is not None and window_mask is None and tc.sliding_window is None
         return
     got, _ = logits_case(proc, ref[0], "suffix")
     assert tc.sliding_window < got["input_ids"].shape[1] and "sliding_attention" in tc.layer_types
@@ -240,7 +240,7 @@ def test_real_config_shapes(name):
     mine, theirs = tiny.real_config_pair(
         DATA / f"{name}.config.json",
         paligemma.PaliGemma,
-        paligemma.PaliGemmaConfig,
+        paligemma.config_from_hf,
         PaliGemmaForConditionalGeneration,
         PaliGemmaConfig,
     )
@@ -284,7 +284,7 @@ def test_cli_streams_and_draws_boxes(dirs, ours, tmp_path):
 
 def test_bad_inputs(dirs, ours, tmp_path):
     model, proc = ours
-    with pytest.raises(ValueError, match="2 <image> placeholder\\(s\\) but 1 images"):
+    with pytest.raises(ValueError, match="2 <image> placeholder\\(s\\) but 1 were given"):
         proc(text="<image><image>caption en", images=[image("photo")])
     with pytest.raises(ValueError, match="1 images for 2 prompts"):
         proc(text=["caption en", "ocr"], images=[image("photo")])

@@ -234,7 +234,7 @@ def test_real_config_shapes(name):
     mine, theirs = tiny.real_config_pair(
         DATA / f"{name}.config.json",
         plm.PerceptionLM,
-        plm.PerceptionLMConfig,
+        plm.config_from_hf,
         PerceptionLMForConditionalGeneration,
         PerceptionLMConfig,
     )

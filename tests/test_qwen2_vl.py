@@ -286,7 +286,7 @@ def test_real_config_shapes(name):
     mine, theirs = tiny.real_config_pair(
         DATA / f"{name}.config.json",
         qwen2_vl.Qwen2VL,
-        qwen2_vl.Qwen2VLConfig,
+        qwen2_vl.config_from_hf,
         Qwen2VLForConditionalGeneration,
         Qwen2VLConfig,
     )

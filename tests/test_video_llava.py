@@ -232,7 +232,7 @@ def test_real_config_shapes():
     mine, theirs = tiny.real_config_pair(
         DATA / "Video-LLaVA-7B-hf.config.json",
         vl.VideoLlava,
-        vl.VideoLlavaConfig,
+        vl.config_from_hf,
         VideoLlavaForConditionalGeneration,
         VideoLlavaConfig,
     )

@@ -67,6 +67,16 @@ def cache_vs_full_forward(
         common, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a)
     )
     new = model.generate(**inputs, max_new_tokens=10, eos_token_ids=[])
+    T = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**extended(inputs, new, new_token_type))
+    return [max_diff(step, logits[:, T - 1 + i]) for i, step in enumerate(seen)]
+
+
+def extended(inputs: dict, new: torch.Tensor, new_token_type: dict | None = None) -> dict:
+    """The processor's (B, T) inputs with generated tokens new (B, N) appended: input_ids with themselves,
+    attention_mask with 1, the others with 0 unless `new_token_type` says otherwise (PaliGemma:
+    token_type_ids 1, the causal answer)."""
     B, T = inputs["input_ids"].shape
     fill = {"attention_mask": 1, **(new_token_type or {})}
     full = {}
@@ -76,9 +86,20 @@ def cache_vs_full_forward(
         elif v.dim() == 2 and tuple(v.shape) == (B, T):
             v = torch.cat([v, torch.full_like(new, fill.get(k, 0))], 1)
         full[k] = v
+    return full
+
+
+def greedy_shortfall(f32_model, inputs: dict, new: torch.Tensor, new_token_type: dict | None = None) -> float:
+    """How far generated tokens new (B, N) fall short of greedy under a float32 model, teacher-forced on
+    them: the largest (best logit - chosen token's logit) over all rows and steps, as a share of the largest
+    |logit|.
+    0 for the float32 greedy answer. A bfloat16 run may take the other token of a near-tie (random tiny
+    models have many), which costs little here, where comparing its tokens with float32's would fail."""
+    T, N = inputs["input_ids"].shape[1], new.shape[1]
     with torch.no_grad():
-        logits = model(**full)
-    return [max_diff(step, logits[:, T - 1 + i]) for i, step in enumerate(seen)]
+        logits = f32_model(**extended(inputs, new, new_token_type))[:, T - 1 : T - 1 + N].float()  # (B, N, V)
+    short = logits.max(-1).values - logits.gather(-1, new[..., None]).squeeze(-1)  # (B, N)
+    return float(short.max() / logits.abs().max())
 
 
 def reference_inputs(hproc, **kw) -> dict:
@@ -108,11 +129,11 @@ def assert_sampling_is_seeded(model, inputs: dict) -> None:
     assert not torch.equal(a, model.generate(**inputs, seed=2, **kw))
 
 
-def real_config_pair(config: Path, ours, ours_config, theirs, theirs_config):
+def real_config_pair(config: Path, ours, ours_from_hf, theirs, theirs_config):
     """Our model and transformers' built on the meta device from one published config.json."""
     d = json.loads(config.read_text())
     with torch.device("meta"):
-        return ours(ours_config.from_hf(d)), theirs(theirs_config(**d))
+        return ours(ours_from_hf(d)), theirs(theirs_config(**d))
 
 
 def assert_same_parameters(mine, theirs, rename, unused: str | None = None) -> None:

@@ -1,0 +1,212 @@
+"""The command line the five model files share: what only the program needs, never the model.
+
+- `parser`: the shared flags, with the same names, meanings and help text in every file
+- `check`: every value the command line can check before a checkpoint is downloaded or loaded
+- `load_media`, `messages`, `visual_tokens`: the media files, the chat turn, the count for the summary
+- `say`, `generate_and_report`, `explain`: the stderr report (media lines, --explain shapes, the JSON
+  summary); only the answer goes to stdout
+- `run_main`: one `error: ...` line and exit status 1 for a problem the user can fix, 130 for Ctrl-C
+A model file imports this module inside its `main()` only, so `import qwen2_vl` never loads it: the unit a
+researcher copies is the model file and common.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+import common
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors end like every other error: one `error: ...` line, exit status 1."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
+
+
+def parser(
+    presets: dict[str, str],
+    default: str,
+    description: str,
+    example: str,
+    frames: str | None,
+    system: str | None,
+) -> Parser:
+    """The options all five files share. `presets`/`default`: the file's PRESETS and DEFAULT; `frames`: how
+    this model samples a video file by default ("8", "2 per second"), None for an image-only model; `system`:
+    what the default system message is, None when the model has no chat template."""
+    ap = Parser(
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model",
+        default=default,
+        help=f"Hub repo id (downloaded on first use to the Hugging Face cache, only the files needed), a "
+        f"preset ({', '.join(sorted(presets))}) or a local checkpoint directory (default: {default})",
+    )
+    ap.add_argument(
+        "--image", action="append", default=[], help="image file, http(s) URL or data: URI (repeat)"
+    )
+    if frames is not None:
+        ap.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+        ap.add_argument(
+            "--num-frames", type=int, help=f"frames sampled uniformly per video (default: {frames})"
+        )
+        ap.add_argument(
+            "--fps", type=float, help="sample this many frames per second instead of --num-frames"
+        )
+    ap.add_argument("--prompt", required=True, help="the question or instruction")
+    if system is not None:
+        ap.add_argument("--system", help=f"system message (default: {system})")
+    ap.add_argument("--show-prompt", action="store_true", help="print the full prompt to stderr")
+    ap.add_argument("--explain", action="store_true", help="print each stage's tensor shape to stderr")
+    g = ap.add_argument_group("generation")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=256, help="at most this many new tokens (default: 256)"
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, > 0 samples (default: 0)")
+    g.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off (default)"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="sample within this probability mass (default: 1 = off)"
+    )
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)"
+    )
+    g.add_argument("--seed", type=int, help="random seed for sampling (default: none)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs on CUDA): a slow first step",
+    )
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    g.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32"
+    )
+    limit = common.DEFAULT_MAX_IMAGE_PIXELS
+    g.add_argument(
+        "--max-image-pixels", type=int, default=limit, help=f"refuse larger images (default: {limit})"
+    )
+    return ap
+
+
+def check(a) -> None:
+    """Everything the command line can check before downloading or loading a checkpoint: sampling ranges,
+    frame counts, the image size limit, that local media files exist, the device."""
+    common.GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    if a.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
+    for kind, sources in (("image", a.image), ("video", getattr(a, "video", []))):
+        for src in sources:
+            if not str(src).startswith(("http://", "https://", "data:")) and not os.path.isfile(src):
+                raise FileNotFoundError(f"{kind} file not found: {src}")
+    if hasattr(a, "num_frames"):
+        common.check_frames(a.num_frames, a.fps)
+    common.pick_device(a.device)
+
+
+def load_media(a, processor) -> tuple[list, list[common.Video]]:
+    """The --image files as PIL images (under --max-image-pixels) and the --video files as sampled frames
+    (the processor's own sampling, with --num-frames / --fps)."""
+    images = [common.load_image(src, a.max_image_pixels) for src in a.image]
+    videos = [processor.load_video(src, a.num_frames, a.fps) for src in getattr(a, "video", [])]
+    return images, videos
+
+
+def messages(a, n_images: int, n_videos: int) -> list[dict]:
+    """The chat of one command-line question: --system if given, then one user turn with the images, the
+    videos and the --prompt text."""
+    media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    user = {"role": "user", "content": media + [{"type": "text", "text": a.prompt}]}
+    return ([{"role": "system", "content": a.system}] if a.system else []) + [user]
+
+
+def visual_tokens(inputs: dict, processor) -> int:
+    """How many of the prompt's tokens are image or video placeholders."""
+    ids = inputs["input_ids"]
+    return sum(int((ids == getattr(processor, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
+
+
+def describe(v: common.Video) -> str:
+    """One line about a loaded video, for the media lines."""
+    H, W = v.frames.shape[1:3]
+    times = ", ".join(f"{t:.2f}" for t in v.timestamps)
+    return f"{len(v.indices)} of {v.total_frames} frames ({times} s), {W}x{H}"
+
+
+def say(*lines: str) -> None:
+    """Notes for the person at the terminal: on stderr, so that stdout holds only the answer."""
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> torch.Tensor:
+    """Generate with the command line's settings, stream the text to stdout, then print a one-line JSON
+    summary to stderr (with --explain, first the shape of every stage in `stages`). The sampling settings are
+    the command line's: generation_config.json gives only EOS."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    first: list[float] = []
+
+    def streamer(piece: str) -> None:
+        first.append(first[0] if first else time.perf_counter())
+        print(piece, end="", flush=True)
+
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer, compile=a.compile)
+    t0 = time.perf_counter()
+    with common.record_shapes(model, stages if a.explain else []) as rows:
+        gen = model.generate(**inputs, **kw, details=True)
+    t1 = time.perf_counter()
+    print()
+    if a.explain:
+        explain(rows, inputs)  # the logits, the last of `stages`, end each step
+    n, ttft = gen.tokens.shape[1], (first[0] if first else t1) - t0
+    rate = round((n - 1) / (t1 - t0 - ttft), 2) if n > 1 and t1 - t0 > ttft else None
+    summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
+    summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
+    summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=gen.stopped)
+    if a.compile:  # the first decode step compiles
+        summary["compile_s"] = round(gen.first_step_s or 0.0, 2)
+    print(json.dumps(summary), file=sys.stderr)
+    return gen.tokens
+
+
+def explain(rows: list[dict], inputs: dict) -> None:
+    """The recorded stages on stderr, in call order: the prefill (up to its logits), then one decode step."""
+    say("explain: the path of this input through the model (legend: the model file's docstring)")
+    say(*(f"  input    {str(tuple(v.shape)):<18} {k}" for k, v in inputs.items()))
+    phase, last = "prefill", rows[-1]["module"] if rows else None  # the logits end every step
+    for r in rows:
+        into = f"  <- {', '.join(map(str, r['inputs']))}" if r["inputs"] else ""
+        say(f"  {phase:<8} {r['legend']:<14} = {str(r['shape']):<18} {r['stage']}{into}")
+        if r["module"] == last:
+            if phase == "decode":
+                break
+            phase = "decode"
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a CLI's main(). A problem the user can fix ends with one `error: ...` line (exit status 1), Ctrl-C
+    with one line (exit status 130); warnings are one `warning: ...` line each. Never a traceback."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, RuntimeError, OSError) as e:  # OSError includes FileNotFoundError
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
+        sys.exit(1)
