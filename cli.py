@@ -102,9 +102,10 @@ def parser(
     return ap
 
 
-def check(a) -> None:
-    """Everything the command line can check before downloading or loading a checkpoint: sampling ranges,
-    frame counts, the image size limit, that local media files exist, the device."""
+def check(a: argparse.Namespace) -> argparse.Namespace:
+    """The parsed flags, after everything the command line can check before downloading or loading a
+    checkpoint: sampling ranges, frame counts, the image size limit, that local media files exist, the
+    device."""
     common.GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
     if a.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
@@ -115,6 +116,7 @@ def check(a) -> None:
     if hasattr(a, "num_frames"):
         common.check_frames(a.num_frames, a.fps)
     common.pick_device(a.device)
+    return a
 
 
 def load_media(a, processor) -> tuple[list, list[common.Video]]:

@@ -53,15 +53,14 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             n = torch.cuda.device_count()
             raise ValueError(f"device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
-        mps = getattr(torch.backends, "mps", None)
-        if device.type == "mps" and not (mps is not None and mps.is_available()):
+        if device.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError("device mps was asked for but torch sees no Apple GPU; use --device cpu")
         if device.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"device {device.type!r} is not supported: use cpu, cuda or mps")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -378,11 +377,9 @@ class GenerationSettings:
             ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 = off)"),
         ]
         for name, value, ok, allowed in checks:
-            if (
-                not ok
-                or not math.isfinite(value)
-                or (name in ("max_new_tokens", "top_k") and value != int(value))
-            ):
+            finite = math.isfinite(value)
+            whole = name not in ("max_new_tokens", "top_k") or (finite and value == int(value))  # counts
+            if not (ok and finite and whole):
                 raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
@@ -449,9 +446,7 @@ def generate_loop(
     device, s = first_logits.device, settings
     if streamer is not None and (B != 1 or tokenizer is None):
         raise ValueError("streaming needs a single prompt (batch of 1)")
-    generator = None
-    if s.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(s.seed)
+    generator = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
     seen = None
     if s.repetition_penalty != 1.0:
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -481,10 +476,9 @@ def generate_loop(
         elif i % 8 == 7 and bool(finished.all()):
             break
         if i + 1 < s.max_new_tokens:
-            t0 = time.perf_counter() if i == 0 else 0.0
+            t0 = time.perf_counter()
             logits = step(token[:, None], i)  # (B, 1) -> (B, V)
-            if i == 0:
-                first_step_s = time.perf_counter() - t0
+            first_step_s = first_step_s or time.perf_counter() - t0  # step 0's (a compile)
     if push is not None:  # bytes held back for an unfinished UTF-8 character: flush them as decode() would
         full, shown = tokenizer.decode(streamed), "".join(printed)
         if full.startswith(shown) and len(full) > len(shown):

@@ -609,10 +609,8 @@ class LlavaOnevision(nn.Module):
         self.tokenizer: common.Tokenizer | None = None
 
     def layout(self, H: int, W: int) -> AnyresLayout:  # the processor's rule, from this model's config
-        vc = self.cfg.vision_config
-        return anyres_layout(
-            H, W, self.cfg.image_grid_pinpoints, vc.image_size, self.grid, self.cfg.max_tiles
-        )
+        c = self.cfg
+        return anyres_layout(H, W, c.image_grid_pinpoints, c.vision_config.image_size, self.grid, c.max_tiles)
 
     def pack_anyres(self, f: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """One single-image sample: f (1 + rows*cols, 729, D) projected tile features -> (tokens, D): the base
@@ -774,13 +772,9 @@ class LlavaOnevision(nn.Module):
         x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
         # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
-        Dh = tc.hidden_size // tc.num_attention_heads
-        caches = [
-            KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
-            for _ in range(tc.num_hidden_layers)
-        ]
-        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
-        keep[:, :T] = attention_mask.bool()
+        Hkv, Dh = tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads
+        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
@@ -902,8 +896,7 @@ def main(argv: list[str] | None = None) -> None:
         frames="8",
         system="none",
     )
-    a = ap.parse_args(argv)
-    cli.check(a)
+    a = cli.check(ap.parse_args(argv))
 
     model, processor = load(a.model, a.device, a.dtype)
     images, videos = cli.load_media(a, processor)
@@ -918,9 +911,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             n = processor.image.grid**2 + 1
             cli.say(f"image {i + 1}: {im.width}x{im.height} -> one {S}x{S} tile -> {n} tokens")
-    per_frame = math.ceil(processor.video.grid / 2) ** 2
     for i, v in enumerate(videos):
-        n = len(v.indices) * per_frame + 1
+        n = len(v.indices) * math.ceil(processor.video.grid / 2) ** 2 + 1
         cli.say(f"video {i + 1}: {cli.describe(v)} -> {len(v.indices)} tiles of {S} -> {n} tokens")
     if a.show_prompt:
         cli.say(prompt)

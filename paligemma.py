@@ -707,14 +707,10 @@ class PaliGemma(nn.Module):
         x = self.embed(input_ids, pixel_values)
         # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
-        caches = [
-            KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
-            for _ in range(tc.num_hidden_layers)
-        ]
-        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
-        keep[:, :T] = attention_mask.bool()
-        prefix = torch.zeros(B, S_max, dtype=torch.bool, device=x.device)  # generated tokens: not prefix
-        prefix[:, :T] = token_type_ids == 0
+        Hkv, Dh = tc.num_key_value_heads, tc.head_dim
+        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
+        prefix = F.pad(token_type_ids == 0, (0, S_max - T))  # (B, S_max): generated tokens are not prefix
         pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
         first = self.prefill(x, pos, self.masks(keep[:, :T], prefix[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
@@ -850,8 +846,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--draw-boxes", metavar="OUT.png", help="draw the <loc> boxes of a detect answer, save here"
     )
-    a = ap.parse_args(argv)
-    cli.check(a)
+    a = cli.check(ap.parse_args(argv))
     if not a.image:
         raise ValueError("PaliGemma needs an image: pass --image PATH")
 

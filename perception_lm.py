@@ -745,12 +745,9 @@ class PerceptionLM(nn.Module):
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
-        caches = [
-            KVCache(B, tc.num_key_value_heads, S_max, tc.head_dim, x.device, x.dtype)
-            for _ in range(tc.num_hidden_layers)
-        ]
-        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
-        keep[:, :T] = attention_mask.bool()
+        Hkv, Dh = tc.num_key_value_heads, tc.head_dim
+        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
@@ -877,8 +874,7 @@ def main(argv: list[str] | None = None) -> None:
         system="the PLM assistant message",
     )
     ap.add_argument("--max-num-tiles", type=int, help="at most this many tiles per image (default: 36)")
-    a = ap.parse_args(argv)
-    cli.check(a)
+    a = cli.check(ap.parse_args(argv))
     if a.max_num_tiles is not None and a.max_num_tiles < 1:
         raise ValueError(f"--max-num-tiles must be >= 1, got {a.max_num_tiles}")
 

@@ -1,5 +1,4 @@
-"""Qwen2-VL in one file: preprocessing, vision transformer, patch merger, Qwen2 decoder with M-RoPE,
-generation.
+"""Qwen2-VL in one file: preprocessing, vision tower, patch merger, Qwen2 decoder with M-RoPE, generation.
 
 What is special about this model:
 - Dynamic resolution: an image is resized (never cropped) so both sides are multiples of 28 and its area
@@ -25,8 +24,7 @@ start + max(17, 23) = +23.
 Where things are (section: what to read first):
   1 config: Qwen2VLConfig                    2 preprocessing: smart_resize, patchify, Processor.__call__
   3 vision tower: vision_rope_angles, VisionAttention (block-diagonal), VisionBlock
-  4 projector: PatchMerger (2x2 merge), VisionTransformer (the tower with its merger)
-  5 decoder: mrope_cos_sin, attend (GQA), KVCache, Attention
+  4 projector: PatchMerger (2x2), VisionTransformer (tower + merger)   5 decoder: mrope_cos_sin, KVCache
   6 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
   7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
 
@@ -37,6 +35,7 @@ except where noted (positions after a video: we follow the released model, see `
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -125,8 +124,7 @@ class VisionInputConfig:
 
     @staticmethod
     def from_hf(d: dict, min_pixels: int, max_pixels: int) -> VisionInputConfig:
-        """`min_pixels`/`max_pixels` (published files) win over `size` (transformers 5), as in
-        transformers."""
+        """`min_pixels`/`max_pixels` (the published files) win over `size` (transformers 5), as there."""
         size = d.get("size") or {}
         return VisionInputConfig(
             min_pixels=d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", min_pixels))),
@@ -175,9 +173,8 @@ def resize_and_normalize(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.
     factor = cfg.patch_size * cfg.merge_size
     h, w = smart_resize(frames.shape[-2], frames.shape[-1], factor, cfg.min_pixels, cfg.max_pixels)
     x = F.interpolate(frames, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # uint8
-    mean = torch.tensor(cfg.image_mean) * 255.0
-    std = torch.tensor(cfg.image_std) * 255.0
-    return (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # (F, 3, h, w) float32
+    mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
+    return (x.float() - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)  # (F, 3, h, w) float32
 
 
 def patchify(x: torch.Tensor, cfg: VisionInputConfig) -> tuple[torch.Tensor, list[int]]:
@@ -243,35 +240,37 @@ class Processor:
             if i == 0 and m["role"] != "system":
                 out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
             out.append(f"<|im_start|>{m['role']}\n")
-            if isinstance(m["content"], str):
-                out.append(m["content"])
-            else:
-                for item in m["content"]:
-                    kind = item.get("type")
-                    if kind == "image" or "image" in item or "image_url" in item:
-                        n_images += 1
-                        label = f"Picture {n_images}: " if add_vision_id else ""
-                        out.append(f"{label}<|vision_start|>{IMAGE_PAD}<|vision_end|>")
-                    elif kind == "video" or "video" in item:
-                        n_videos += 1
-                        label = f"Video {n_videos}: " if add_vision_id else ""
-                        out.append(f"{label}<|vision_start|>{VIDEO_PAD}<|vision_end|>")
-                    elif "text" in item:
-                        out.append(item["text"])
+            items = (
+                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+            )
+            for item in items:
+                kind = item.get("type")
+                if kind == "image" or "image" in item or "image_url" in item:
+                    n_images += 1
+                    label = f"Picture {n_images}: " if add_vision_id else ""
+                    out.append(f"{label}<|vision_start|>{IMAGE_PAD}<|vision_end|>")
+                elif kind == "video" or "video" in item:
+                    n_videos += 1
+                    label = f"Video {n_videos}: " if add_vision_id else ""
+                    out.append(f"{label}<|vision_start|>{VIDEO_PAD}<|vision_end|>")
+                elif "text" in item:
+                    out.append(item["text"])
             out.append("<|im_end|>\n")
         if add_generation_prompt:
             out.append("<|im_start|>assistant\n")
         return "".join(out)
 
+    @staticmethod
+    def patches(media: list[torch.Tensor], cfg: VisionInputConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames (F, 3, H, W), one stack per image (F = 1, repeated to a temporal pair by patchify) or
+        video -> the patch rows of all of them, one after another, and their grids (t, h, w) in patches."""
+        rows, grids = zip(*(patchify(resize_and_normalize(frames, cfg), cfg) for frames in media))
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.long)  # (N, 1176), (n, 3)
+
     def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
-        rows, grids = [], []
-        for image in images:
-            x = resize_and_normalize(common.image_to_uint8(image)[None], self.image)  # (1, 3, h, w)
-            patches, grid = patchify(x, self.image)  # the single frame is repeated to a temporal pair
-            rows.append(patches)
-            grids.append(grid)
-        grid = torch.tensor(grids, dtype=torch.long)  # (n, 3) as (t, h, w) in patches
-        return {"pixel_values": torch.cat(rows), "image_grid_thw": grid}  # pixel_values (N, 1176)
+        frames = [common.image_to_uint8(im)[None] for im in images]  # each (1, 3, H, W): one frame
+        pixels, grids = self.patches(frames, self.image)  # (N, 1176), (n, 3)
+        return {"pixel_values": pixels, "image_grid_thw": grids}
 
     def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
         """Frames sampled explicitly (never every frame by accident): `num_frames` (rounded to even), or `fps`
@@ -286,17 +285,10 @@ class Processor:
         return common.load_video(path, num_frames=max(1, math.floor(n / Tp) * Tp))
 
     def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
-        rows, grids = [], []
-        for video in videos:
-            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            x = resize_and_normalize(common.frames_to_uint8(frames), self.video)  # (F, 3, h, w)
-            patches, grid = patchify(x, self.video)
-            rows.append(patches)
-            grids.append(grid)
-        return {
-            "pixel_values_videos": torch.cat(rows),  # (N, 1176)
-            "video_grid_thw": torch.tensor(grids, dtype=torch.long),  # (videos, 3)
-        }
+        frames = [self.load_video(v).frames if isinstance(v, (str, Path)) else v for v in videos]
+        frames = [common.frames_to_uint8(f) for f in frames]  # each (F, 3, H, W)
+        pixels, grids = self.patches(frames, self.video)  # (N, 1176), (n, 3)
+        return {"pixel_values_videos": pixels, "video_grid_thw": grids}
 
     def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
         texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
@@ -347,11 +339,8 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[tuple[int, int, int]]
-    ):
-        N, Dv = x.shape
-        H = self.n_head
+    def forward(self, x, cos, sin, runs: list[tuple[int, int, int]]):
+        (N, Dv), H = x.shape, self.n_head
         q, k, v = self.qkv(x).view(N, 3, H, Dv // H).unbind(1)  # each (N, H, Dh)
         # NOTE: the rotation is applied in float32 even for bf16 weights (as the reference does).
         c, s = cos[:, None], sin[:, None]  # (N, 1, Dh): the same angle for every head
@@ -432,13 +421,11 @@ class VisionTransformer(nn.Module):
         """(N, 1176) patch rows + (n_media, 3) grids -> (N / 4, D) merged tokens, media after media."""
         grids = grid_thw.tolist()
         assert pixels.shape[0] == sum(t * h * w for t, h, w in grids), "one row of pixel_values per patch"
-        runs, start = [], 0
-        for t, h, w in grids:
-            runs.append((start, t, h * w))
-            start += t * h * w
-        angles = vision_rope_angles(
-            grids, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta, self.cfg.spatial_merge_size
-        ).to(pixels.device)
+        starts = itertools.accumulate((t * h * w for t, h, w in grids), initial=0)
+        runs = [(start, t, h * w) for start, (t, h, w) in zip(starts, grids)]  # (first row, segments, length)
+        c = self.cfg
+        angles = vision_rope_angles(grids, c.embed_dim // c.num_heads, c.rope_theta, c.spatial_merge_size)
+        angles = angles.to(pixels.device)
         cos, sin = angles.cos(), angles.sin()  # (N, Dh) float32
         x = self.patch_embed(pixels)  # (N, Dv)
         for block in self.blocks:
@@ -591,14 +578,14 @@ class Qwen2Model(nn.Module):
 
 
 def get_rope_index(
-    input_ids: torch.Tensor,
     mm_types: torch.Tensor,
     attention_mask: torch.Tensor,
     image_grid_thw: torch.Tensor | None,
     video_grid_thw: torch.Tensor | None,
     merge: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D positions (3, B, T) and rope_delta (B,), computed on the host from token types and grids.
+    """3-D positions (3, B, T) and rope_delta (B,), computed on the host from the token types (B, T: 0 text,
+    1 image, 2 video) and the grids.
 
     Walking over the non-padding tokens of a row with a counter `cur` starting at 0:
       text run of L tokens        -> t = h = w = cur .. cur+L-1;                     cur += L
@@ -613,24 +600,18 @@ def get_rope_index(
     transformers 5.23 advances by max(gh, gw) only, which differs when a video has more temporal pairs than
     max(gh, gw).
     """
-    B, T = input_ids.shape
+    B, T = mm_types.shape
     types, keep = mm_types.cpu(), attention_mask.cpu().bool()
-    grids = {
-        1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
-        2: iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
-    }
-    pos = torch.zeros(3, B, T, dtype=torch.long)
-    delta = torch.zeros(B, dtype=torch.long)
+    grids = {k: iter([] if g is None else g.tolist()) for k, g in ((1, image_grid_thw), (2, video_grid_thw))}
+    pos, delta = torch.zeros(3, B, T, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     for b in range(B):
         row = types[b][keep[b]].tolist()
         out, cur, i = [], 0, 0
         while i < len(row):
-            if row[i] == 0:
-                j = i
-                while j < len(row) and row[j] == 0:
-                    j += 1
-                out.append(torch.arange(cur, cur + j - i).expand(3, -1))  # (3, run): same on all 3 axes
-                cur, i = cur + j - i, j
+            if row[i] == 0:  # a text run of L tokens
+                L = next((j for j in range(i, len(row)) if row[j]), len(row)) - i
+                out.append(torch.arange(cur, cur + L).expand(3, -1))  # (3, L): the same on all 3 axes
+                cur, i = cur + L, i + L
                 continue
             t, h, w = next(grids[row[i]])
             gh, gw = h // merge, w // merge
@@ -720,9 +701,7 @@ class Qwen2VL(nn.Module):
             is_image, is_video = input_ids == self.cfg.image_token_id, input_ids == self.cfg.video_token_id
             mm_token_type_ids = is_image.long() + 2 * is_video.long()
         merge = self.cfg.vision_config.spatial_merge_size
-        pos, delta = get_rope_index(
-            input_ids, mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw, merge
-        )
+        pos, delta = get_rope_index(mm_token_type_ids, attention_mask, image_grid_thw, video_grid_thw, merge)
         return pos.to(input_ids.device), delta.to(input_ids.device)
 
     def forward(
@@ -797,31 +776,24 @@ class Qwen2VL(nn.Module):
         pos3, delta = self.positions(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw
         )
-        # NOTE: M-RoPE positions grow slower than the token count; the limit applies to positions.
-        common.check_context(
-            int((attention_mask.sum(1) + delta).max()), max_new_tokens, tc.max_position_embeddings
-        )
+        n_pos = int((attention_mask.sum(1) + delta).max())  # NOTE: M-RoPE positions grow slower than tokens
+        common.check_context(n_pos, max_new_tokens, tc.max_position_embeddings)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
-        Dh = tc.hidden_size // tc.num_attention_heads
-        caches = [
-            KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
-            for _ in range(tc.num_hidden_layers)
-        ]
-        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
-        keep[:, :T] = attention_mask.bool()
+        Hkv, Dh = tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads
+        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         first = self.prefill(x, pos3, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
-        # 4. decode, one token per step
+        # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
         n_real = attention_mask.sum(1)  # (B,)
         next_slot = torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
 
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
-            # NOTE: the new token's M-RoPE position on all 3 axes is its index among real tokens + rope_delta.
-            p = (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1)
+        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # NOTE: M-RoPE position = index + rope_delta
+            p = (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1): the same on all 3 axes
             return decode_step(token, p, next_slot + i, keep, caches)
 
         eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
@@ -843,9 +815,7 @@ def config_from_hf(d: dict) -> Qwen2VLConfig:
     rope = t.get("rope_parameters") or {}
     scaling = t.get("rope_scaling") or d.get("rope_scaling") or {}
     if t.get("use_sliding_window"):
-        raise ValueError(
-            "use_sliding_window=true: no released Qwen2-VL uses it and qwen2_vl.py does not either"
-        )
+        raise ValueError("use_sliding_window=true: no released Qwen2-VL uses it, nor does qwen2_vl.py")
     text = TextConfig(
         vocab_size=t["vocab_size"],
         hidden_size=t["hidden_size"],
@@ -931,8 +901,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--max-pixels", type=int, help="upper bound; tokens = pixels / 784 (default: the checkpoint's)"
     )
-    a = ap.parse_args(argv)
-    cli.check(a)
+    a = cli.check(ap.parse_args(argv))
 
     model, processor = load(a.model, a.device, a.dtype)
     bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
@@ -941,13 +910,13 @@ def main(argv: list[str] | None = None) -> None:
     prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
     P, M = processor.image.patch_size, processor.image.merge_size
-    for i, (im, (_, h, w)) in enumerate(
-        zip(images, inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
-    ):
+    grids = inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()
+    for i, (im, (_, h, w)) in enumerate(zip(images, grids)):
         size = f"{im.width}x{im.height} -> {w * P}x{h * P}"
         cli.say(f"image {i + 1}: {size} -> {h}x{w} patches -> {h * w // M**2} tokens")
     P, M = processor.video.patch_size, processor.video.merge_size
-    for i, (v, (t, h, w)) in enumerate(zip(videos, inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())):
+    grids = inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()
+    for i, (v, (t, h, w)) in enumerate(zip(videos, grids)):
         size = f"{cli.describe(v)} -> {w * P}x{h * P}"
         cli.say(f"video {i + 1}: {size} -> grid {t}x{h}x{w} -> {t * h * w // M**2} tokens")
     if a.show_prompt:

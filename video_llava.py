@@ -644,13 +644,9 @@ class VideoLlava(nn.Module):
         )
         # 3. prefill: the whole prompt into a static cache
         S_max = common.cache_length(T, max_new_tokens)
-        Dh = tc.hidden_size // tc.num_attention_heads
-        caches = [
-            KVCache(B, tc.num_key_value_heads, S_max, Dh, x.device, x.dtype)
-            for _ in range(tc.num_hidden_layers)
-        ]
-        keep = torch.ones(B, S_max, dtype=torch.bool, device=x.device)
-        keep[:, :T] = attention_mask.bool()
+        Hkv, Dh = tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads
+        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
         common.check_finite(first)
@@ -768,8 +764,7 @@ def main(argv: list[str] | None = None) -> None:
         frames=f"{TRAINED_FRAMES}, the trained count",
         system="none",
     )
-    a = ap.parse_args(argv)
-    cli.check(a)
+    a = cli.check(ap.parse_args(argv))
 
     model, processor = load(a.model, a.device, a.dtype)
     images, videos = cli.load_media(a, processor)

@@ -263,7 +263,7 @@ def test_positions_after_long_video_follow_released_model(ours, ref):
     ids = torch.tensor([[5, 6] + [7] * 16 + [8]])
     types = torch.tensor([[0, 0] + [2] * 16 + [0]])
     grid = torch.tensor([[4, 4, 4]])
-    pos, delta = qwen2_vl.get_rope_index(ids, types, torch.ones_like(ids), None, grid, merge=2)
+    pos, delta = qwen2_vl.get_rope_index(types, torch.ones_like(ids), None, grid, merge=2)
     t = [0, 1] + [2 + i // 4 for i in range(16)] + [6]
     h = [0, 1] + [2 + (i % 4) // 2 for i in range(16)] + [6]
     w = [0, 1] + [2 + i % 2 for i in range(16)] + [6]
