@@ -303,9 +303,7 @@ def load_weights(
         lines = [f"weights in {ckpt} do not fit the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", bad)):
             if items:
-                lines.append(
-                    f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
-                )
+                lines.append(f"  {len(items)} {title}: {', '.join(items[:12])}{' ...' * (len(items) > 12)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True, assign=True)
     for dst, src in tied.items():  # share one Parameter, so fine-tuning keeps them tied
