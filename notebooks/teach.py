@@ -5,12 +5,14 @@ the notebooks call the model files for that.
   else a tiny random checkpoint built on the spot with tests/tiny.py (answers are then random tokens)
 - `example_photo`, `example_video`: the repository's example media (the video is written on first use)
 - `draw_grid`, `draw_tokens`, `draw_heat`: the pictures; `table`, `shape_table`: Markdown tables
+- `show_source`: the model file's function that a picture draws, with a link to its line
 - `stream`: generation with the answer streamed as it is produced, and its timings
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -38,7 +40,15 @@ PHOTO = ROOT / "examples" / "grace_hopper.jpg"
 VIDEO = ROOT / "examples" / "pan.mp4"
 COLORS = {"text": "#9ecae1", "special": "#fdae6b", "image": "#74c476", "video": "#9e9ac8", "pad": "#d9d9d9"}
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, imported by transformers
-plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 11, "font.size": 9})
+plt.rcParams.update({"figure.dpi": 110, "axes.titlesize": 11, "font.size": 10})
+
+
+def show_source(fn) -> None:
+    """The source of a model file's function (the code the next picture draws), with a link to its line."""
+    lines, start = inspect.getsourcelines(fn)
+    path = Path(inspect.getsourcefile(fn)).resolve().relative_to(ROOT)
+    link = f"[`{path}`, line {start}](../{path}#L{start}): `{fn.__qualname__}`"
+    display(Markdown(f"{link}\n\n```python\n{''.join(lines)}```"))
 
 
 def example_photo() -> Image.Image:
