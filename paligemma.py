@@ -519,7 +519,7 @@ class GemmaModel(nn.Module):
 
     def forward(self, x, pos, masks, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T), masks (mask, window_mask) of (B, 1, T, S) -> (B, T, D)"""
-        cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
+        cos, sin = rope_cos_sin(pos.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, *masks, None if caches is None else caches[i], slot)
         return self.norm(x)

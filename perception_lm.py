@@ -587,7 +587,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, x, pos, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
-        cos, sin = rope_cos_sin(pos, self.cfg, x.dtype)  # once for all layers
+        cos, sin = rope_cos_sin(pos.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if caches is None else caches[i], slot)
         return self.norm(x)

@@ -566,7 +566,7 @@ class Qwen2Model(nn.Module):
 
     def forward(self, x, pos3, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos3 (3, B, T) M-RoPE positions, mask (B, 1, T, S) -> (B, T, D)."""
-        cos, sin = mrope_cos_sin(pos3, self.cfg, x.dtype)  # once for all layers
+        cos, sin = mrope_cos_sin(pos3.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if caches is None else caches[i], slot)
         return self.norm(x)

@@ -90,16 +90,38 @@ def load_checkpoint(m, env: str, build: str, **build_args):
     return model, processor, True
 
 
-def meta_model(m, config_json: Path) -> torch.nn.Module:
-    """The model of model file `m` for a published config.json, built on the meta device (no memory is
-    allocated): for counting parameters and reading the parsed config. The model class X is the one whose
-    config class XConfig sits beside it in the file."""
+# The smallest published configuration of each model file (its config.json, copied to tests/data/).
+PUBLISHED = {
+    "qwen2_vl": "qwen2_vl/Qwen2-VL-2B-Instruct",
+    "paligemma": "paligemma/paligemma-3b-mix-224",
+    "llava_onevision": "llava_onevision/llava-onevision-qwen2-0.5b-ov-hf",
+    "video_llava": "video_llava/Video-LLaVA-7B-hf",
+    "perception_lm": "perception_lm/Perception-LM-1B",
+}
+
+
+def meta_model(m, config_json: Path | None = None, processor=None) -> torch.nn.Module:
+    """The model of model file `m` for a published config.json (default: its smallest checkpoint's), built on
+    the meta device: shapes without memory, for counting parameters and recording the shapes of a forward
+    pass at the real widths. With `processor`, the config's image/video token ids become that processor's
+    (a tiny checkpoint's tokenizer numbers them differently), so its output can run through the model. The
+    model class X is the one whose config class XConfig sits beside it in the file."""
+    config_json = config_json or ROOT / "tests" / "data" / f"{PUBLISHED[m.__name__]}.config.json"
+    d = json.loads(Path(config_json).read_text())
+    for kind in ("image", "video"):
+        if hasattr(processor, f"{kind}_token_id"):
+            d[f"{kind}_token_id"] = d[f"{kind}_token_index"] = getattr(processor, f"{kind}_token_id")
     for name, cls in vars(m).items():
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(m, name + "Config"):
-            cfg = m.config_from_hf(json.loads(Path(config_json).read_text()))
             with torch.device("meta"):
-                return cls(cfg)
+                return cls(m.config_from_hf(d))
     raise ValueError(f"no model class with a config class in {m.__name__}")
+
+
+def on_meta(inputs: dict) -> dict:
+    """The processor's float tensors (pixels) as meta tensors of the same shapes; token ids, masks and grids
+    stay on the CPU, where the model reads them to place the vision features and count positions."""
+    return {k: v.to("meta") if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def tile_canvas(tiles, rows: int, cols: int, mean, std) -> torch.Tensor:
