@@ -7,6 +7,8 @@ the notebooks call the model files for that.
 - `draw_grid`, `draw_tokens`, `draw_heat`: the pictures; `table`, `shape_table`: Markdown tables
 - `show_source`: the model file's function that a picture draws, with a link to its line
 - `stream`: generation with the answer streamed as it is produced, and its timings
+- `square_picture`, `answer_targets`: the synthetic task the demo models are trained on (a coloured square on
+  grey), and the next-token targets of the answers only
 """
 
 from __future__ import annotations
@@ -269,6 +271,34 @@ def stream(model, inputs: dict, max_new_tokens: int = 24, **kw) -> tuple[str, di
     timing = dict(prompt_tokens=inputs["input_ids"].shape[1], new_tokens=n, ttft_s=round(ttft, 3))
     timing.update(tokens_per_s=round(rate, 1), steps_s=np.diff([t0] + stamps).round(4).tolist())
     return model.tokenizer.decode(out[0]), timing
+
+
+SQUARE_COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+}
+
+
+def square_picture(rng: np.random.Generator, side: int = 112) -> tuple[np.ndarray, str, tuple[int, int, int]]:
+    """A grey (side, side, 3) uint8 picture with one square of a random colour, size (a quarter to half the
+    side) and place: (picture, colour name, (x, y, size) in pixels)."""
+    picture = np.full((side, side, 3), 128, np.uint8)
+    s = int(rng.integers(side // 4, side // 2 + 1))
+    x, y = (int(v) for v in rng.integers(0, side - s, size=2))
+    colour = list(SQUARE_COLOURS)[int(rng.integers(len(SQUARE_COLOURS)))]
+    picture[y : y + s, x : x + s] = SQUARE_COLOURS[colour]
+    return picture, colour, (x, y, s)
+
+
+def answer_targets(input_ids: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
+    """Next-token targets (B, T) for left-padded rows that end with their answer: each row's last
+    answer_lengths[b] tokens, -100 (ignored by the loss) everywhere else."""
+    targets = torch.full_like(input_ids, -100)
+    for b, n in enumerate(answer_lengths):
+        targets[b, -n:] = input_ids[b, -n:]
+    return targets
 
 
 def draw_step_times(timing: dict, title: str) -> None:
