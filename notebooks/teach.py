@@ -7,8 +7,8 @@ the notebooks call the model files for that.
 - `draw_grid`, `draw_tokens`, `draw_heat`: the pictures; `table`, `shape_table`: Markdown tables
 - `show_source`: the model file's function that a picture draws, with a link to its line
 - `stream`: generation with the answer streamed as it is produced, and its timings
-- `square_picture`, `answer_targets`: the synthetic task the demo models are trained on (a coloured square on
-  grey), and the next-token targets of the answers only
+- `square_picture`, `answer_targets`, `iou`: the synthetic tasks the demo models are trained on (a coloured
+  square on grey), the next-token targets of the answers only, and the overlap of two boxes
 """
 
 from __future__ import annotations
@@ -281,15 +281,25 @@ SQUARE_COLOURS = {
 }
 
 
-def square_picture(rng: np.random.Generator, side: int = 112) -> tuple[np.ndarray, str, tuple[int, int, int]]:
+def square_picture(
+    rng: np.random.Generator, side: int = 112, grid: int = 1
+) -> tuple[np.ndarray, str, tuple[int, int, int]]:
     """A grey (side, side, 3) uint8 picture with one square of a random colour, size (a quarter to half the
-    side) and place: (picture, colour name, (x, y, size) in pixels)."""
+    side) and place, both multiples of `grid` pixels: (picture, colour name, (x, y, size) in pixels)."""
     picture = np.full((side, side, 3), 128, np.uint8)
-    s = int(rng.integers(side // 4, side // 2 + 1))
-    x, y = (int(v) for v in rng.integers(0, side - s, size=2))
+    s = grid * int(rng.integers(side // 4 // grid, side // 2 // grid + 1))
+    x, y = (grid * int(v) for v in rng.integers(0, (side - s) // grid, size=2))
     colour = list(SQUARE_COLOURS)[int(rng.integers(len(SQUARE_COLOURS)))]
     picture[y : y + s, x : x + s] = SQUARE_COLOURS[colour]
     return picture, colour, (x, y, s)
+
+
+def iou(a: tuple, b: tuple) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
 
 
 def answer_targets(input_ids: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
