@@ -4,7 +4,8 @@ the notebooks call the model files for that.
 - `load_checkpoint`: a directory named by an environment variable, else the official default (downloaded),
   else a tiny random checkpoint built on the spot with tests/tiny.py (answers are then random tokens)
 - `example_photo`, `example_video`: the repository's example media (the video is written on first use)
-- `draw_grid`, `draw_tokens`, `draw_heat`: the pictures; `table`, `shape_table`: Markdown tables
+- `draw_grid`, `draw_tokens`, `draw_heat`, `draw_pipeline`: the pictures; `table`, `shape_table`: Markdown
+  tables
 - `show_source`: the model file's function that a picture draws, with a link to its line
 - `stream`: generation with the answer streamed as it is produced, and its timings
 - `square_picture`, `answer_targets`, `iou`: the synthetic tasks the demo models are trained on (a coloured
@@ -249,6 +250,29 @@ def shape_table(recorded: list[dict], stages, inputs: dict) -> None:
     rows = [[f"input `{k}`", "", str(tuple(v.shape))] for k, v in inputs.items()]
     rows += [[f"`{p}`: {what}", legend, str(seen[p]["shape"])] for p, what, legend in stages]
     table(rows, ["stage", "legend", "shape"])
+
+
+def draw_pipeline(recorded: list[dict], stages, inputs: dict, title: str) -> None:
+    """The model as a chain of boxes, pixels and token ids at the top, logits at the bottom: each stage of
+    `stages` (in the file's order) with the shape recorded for it. Vision stages green, the scatter of the
+    vision features into the token embeddings orange, the decoder blue."""
+    seen = {}
+    for r in recorded:
+        seen.setdefault(r["module"], r)
+    pixels = [f"{k} {tuple(v.shape)}" for k, v in inputs.items() if v.is_floating_point()]
+    boxes = [("input: " + ", ".join(pixels) + f"; input_ids {tuple(inputs['input_ids'].shape)}", "#d9d9d9")]
+    for path, what, legend in stages:
+        vision = path.startswith(("visual", "vision_tower", "image_tower", "video_tower", "multi_modal"))
+        colour = COLORS["image"] if vision else "#fdae6b" if "embed_tokens" in path else COLORS["text"]
+        boxes.append((f"{what}\n{legend} = {seen[path]['shape']}", colour))
+    fig, ax = plt.subplots(figsize=(9, 0.62 * len(boxes)))
+    for i, (text, colour) in enumerate(boxes):
+        ax.text(0.5, -i, text, ha="center", va="center", bbox=dict(boxstyle="round", fc=colour, ec="grey"))
+        if i:
+            ax.annotate("", (0.5, -i + 0.3), (0.5, -i + 0.7), arrowprops=dict(arrowstyle="->", color="grey"))
+    ax.set(xlim=(0, 1), ylim=(-len(boxes) + 0.5, 0.5), title=title)
+    ax.axis("off")
+    plt.show()
 
 
 def stream(model, inputs: dict, max_new_tokens: int = 24, **kw) -> tuple[str, dict]:
