@@ -4,8 +4,8 @@ the notebooks call the model files for that.
 - `load_checkpoint`: a directory named by an environment variable, else the official default (downloaded),
   else a tiny random checkpoint built on the spot with tests/tiny.py (answers are then random tokens)
 - `example_photo`, `example_video`: the repository's example media (the video is written on first use)
-- `draw_grid`, `draw_tokens`, `draw_heat`, `draw_pipeline`: the pictures; `table`, `shape_table`: Markdown
-  tables
+- `draw_grid`, `draw_tokens`, `draw_heat`, `draw_pipeline`, `draw_scatter`: the pictures; `table`,
+  `shape_table`: Markdown tables
 - `show_source`: the model file's function that a picture draws, with a link to its line
 - `stream`: generation with the answer streamed as it is produced, and its timings
 - `square_picture`, `answer_targets`, `iou`: the synthetic tasks the demo models are trained on (a coloured
@@ -272,6 +272,26 @@ def draw_pipeline(recorded: list[dict], stages, inputs: dict, title: str) -> Non
             ax.annotate("", (0.5, -i + 0.3), (0.5, -i + 0.7), arrowprops=dict(arrowstyle="->", color="grey"))
     ax.set(xlim=(0, 1), ylim=(-len(boxes) + 0.5, 0.5), title=title)
     ax.axis("off")
+    plt.show()
+
+
+def draw_scatter(before: torch.Tensor, after: torch.Tensor, is_pad: torch.Tensor, title: str) -> None:
+    """The token embeddings (T, D) of one prompt before and after the vision features are scattered over the
+    placeholder rows (marked on the left), on one colour scale."""
+    before, after = before.detach().float().cpu(), after.detach().float().cpu()
+    lim = float(max(before.abs().max(), after.abs().max()))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, x, name in (
+        (axes[0], before, "token embeddings of input_ids"),
+        (axes[1], after, "after masked_scatter"),
+    ):
+        im = ax.imshow(x, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
+        rows = is_pad.nonzero().flatten()
+        ax.plot([-1.5] * len(rows), rows, "s", color=COLORS["image"], ms=3, clip_on=False)
+        ax.set(title=name, xlabel="embedding dimension", xlim=(-2, x.shape[1] - 0.5))
+    axes[0].set_ylabel("token (green: vision placeholder)")
+    fig.suptitle(title)
+    plt.colorbar(im, ax=axes, fraction=0.03)
     plt.show()
 
 
