@@ -160,7 +160,8 @@ def draw_grid(ax, image, rows: int, cols: int, title: str, color: str = "white",
         ax.axhline(r * H / rows, color=color, lw=lw)
     for c in range(1, cols):
         ax.axvline(c * W / cols, color=color, lw=lw)
-    ax.set(title=title, xlabel="x (pixels)", ylabel="y (pixels)")
+    first = ax.get_subplotspec() is None or ax.get_subplotspec().is_first_col()
+    ax.set(title=title, xlabel="x (pixels)", ylabel="y (pixels)" if first else "")  # one y label per row
 
 
 def to_image(x, mean, std) -> np.ndarray:
