@@ -241,11 +241,17 @@ def table(rows: list[dict] | list[list], headers: list[str] | None = None) -> No
     display(Markdown("\n".join(lines)))
 
 
-def shape_table(recorded: list[dict], stages, inputs: dict) -> None:
-    """The inputs' shapes, then each stage's first recorded call. Every stage must have run."""
+def first_calls(recorded: list[dict]) -> dict[str, dict]:
+    """Each recorded module's first call (a forward pass and then decode steps all add rows)."""
     seen = {}
     for r in recorded:
         seen.setdefault(r["module"], r)
+    return seen
+
+
+def shape_table(recorded: list[dict], stages, inputs: dict) -> None:
+    """The inputs' shapes, then each stage's first recorded call. Every stage must have run."""
+    seen = first_calls(recorded)
     missing = [p for p, _, _ in stages if p not in seen]
     assert not missing, f"these stages never ran: {missing}"
     rows = [[f"input `{k}`", "", str(tuple(v.shape))] for k, v in inputs.items()]
@@ -257,9 +263,7 @@ def draw_pipeline(recorded: list[dict], stages, inputs: dict, title: str) -> Non
     """The model as a chain of boxes, pixels and token ids at the top, logits at the bottom: each stage of
     `stages` (in the file's order) with the shape recorded for it. Vision stages green, the scatter of the
     vision features into the token embeddings orange, the decoder blue."""
-    seen = {}
-    for r in recorded:
-        seen.setdefault(r["module"], r)
+    seen = first_calls(recorded)
     pixels = [f"{k} {tuple(v.shape)}" for k, v in inputs.items() if v.is_floating_point()]
     boxes = [("input: " + ", ".join(pixels) + f"; input_ids {tuple(inputs['input_ids'].shape)}", "#d9d9d9")]
     for path, what, legend in stages:
