@@ -615,9 +615,8 @@ class PaliGemma(nn.Module):
         if bool(keep.all()) and bool(prefix.all()):
             return None, None
         w = self.cfg.text_config.window
-        return prefix_lm_mask(keep, prefix, T), None if w is None else prefix_lm_mask(
-            keep, prefix, T, window=w
-        )
+        window_mask = None if w is None else prefix_lm_mask(keep, prefix, T, window=w)
+        return prefix_lm_mask(keep, prefix, T), window_mask
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)
@@ -663,9 +662,8 @@ class PaliGemma(nn.Module):
         It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
         s, w = torch.arange(keep.shape[1], device=keep.device), self.cfg.text_config.window
-        mask = (keep & (s <= slot))[
-            :, None, None
-        ]  # (B, 1, 1, S_max): a generated token is causal, not prefix
+        # A generated token is causal (outside the prefix block) and never sees padding.
+        mask = (keep & (s <= slot))[:, None, None]  # (B, 1, 1, S_max)
         window_mask = None if w is None else mask & in_window(slot, s, w)  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed(token), pos, (mask, window_mask), caches, slot)
         return self.logits(h[:, -1]).float()
@@ -860,8 +858,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if a.show_prompt:
         cli.say(processor.decode(inputs["input_ids"][0], skip_special_tokens=False))
-    n_visual = int((inputs["input_ids"] == processor.image_token_id).sum())
-    out = cli.generate_and_report(model, inputs, a, n_visual, STAGES)
+    out = cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
     if a.draw_boxes:
         text = processor.decode(out[0], skip_special_tokens=False)
         boxes = parse_boxes(text, images[0].width, images[0].height)
