@@ -176,13 +176,35 @@ def checkpoint(a, build, hf_class, device, dtype) -> Path:
     return real_config_checkpoint(a.model, ckpt, hf_class, device, dtype) if a.size == "real-config" else ckpt
 
 
-def load_pair(module, hf_class, ckpt, device, dtype, impl="sdpa"):
-    """Our model and processor, and transformers' model and processor, from one checkpoint directory."""
+def load_pair(a, module, hf_class, ckpt, device, dtype, impl="sdpa"):
+    """Our model and processor, and transformers' model and processor, from one checkpoint directory.
+    With --quantize: ours quantized, ours unquantized kept for the side-by-side (BENCHED["unquantized"]),
+    and transformers with torchao's int8 weight-only quantization of the same layers (the decoder's linear
+    layers and the output layer), when torchao is installed."""
     from transformers import AutoProcessor
 
-    ours, proc = module.load(ckpt, device=device, dtype=dtype)
-    ref = hf_class.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl).to(device).eval()
+    ours, proc = module.load(ckpt, device=device, dtype=dtype, quantize=a.quantize)
+    extra = {}
+    if a.quantize:
+        BENCHED["unquantized"] = module.load(ckpt, device=device, dtype=dtype)[0]
+        extra = torchao_int8(ours)
+    ref = hf_class.from_pretrained(ckpt, dtype=dtype, attn_implementation=impl, **extra).to(device).eval()
     return ours, proc, ref, AutoProcessor.from_pretrained(ckpt)
+
+
+def torchao_int8(ours) -> dict:
+    """from_pretrained's arguments for transformers + torchao int8 weight-only on the layers ours quantizes
+    (so the vision side stays unquantized in both), or {} when torchao is not installed."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+    except ImportError:
+        print("torchao is not installed: transformers runs unquantized")
+        return {}
+    BENCHED["peer"] = "transformers + torchao int8"
+    keep = [n for n, _ in ours.named_children() if n not in ours.quantized_parts]
+    keep += [f"model.{n}" for n in keep]  # the names as saved and as transformers 5 nests them
+    return {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=keep)}
 
 
 BENCHED = {}  # the model and prompt length the runs time, for the roofline
@@ -232,8 +254,8 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
             **data, generation_config=cfg, logits_processor=LogitsProcessorList([MarkFirst()])
         )
 
-    def mine(data, n):
-        return ours.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=a.compile)
+    def mine(data, n, model=ours):
+        return model.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=a.compile)
 
     def decode_s(generate, data):
         def run() -> float:
@@ -255,11 +277,12 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
     ids = inputs["input_ids"]
     BENCHED.update(model=ours, prompt_tokens=ids.shape[1])
     n_visual = sum(int((ids == getattr(proc, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
+    n_parameters = sum(p.numel() for p in BENCHED.get("unquantized", ours).parameters())
     print(
-        f"{a.model} {a.size}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {device}, "
+        f"{a.model} {a.size}: {n_parameters / 1e6:.1f}M parameters, {device}, "
         f"{dtype}, prompt {ids.shape[1]} tokens ({n_visual} visual), {a.new_tokens} new"
     )
-    return {
+    runs = {
         "ours": {
             "preprocess_s": lambda: proc(text=text, **one),
             "vision_s": lambda: vision[0](inputs),
@@ -271,6 +294,10 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
             **calls(hf),
         },
     }
+    if a.quantize:  # the same model unquantized: the vision side is shared, so only the generation is timed
+        plain = BENCHED["unquantized"]
+        runs["ours unquantized"] = calls(lambda data, n: mine(data, n, plain))
+    return runs
 
 
 def chat(proc, kind: str, question: str) -> str:
@@ -285,7 +312,7 @@ def bench_qwen2_vl(a, device, dtype):
     import qwen2_vl
 
     ckpt = checkpoint(a, tiny.build_qwen2_vl, Qwen2VLForConditionalGeneration, device, dtype)
-    ours, proc, ref, hproc = load_pair(qwen2_vl, Qwen2VLForConditionalGeneration, ckpt, device, dtype)
+    ours, proc, ref, hproc = load_pair(a, qwen2_vl, Qwen2VLForConditionalGeneration, ckpt, device, dtype)
     side = 448 if a.size == "real-config" else 224  # real-config: 256 image tokens
     img = Image.fromarray(tiny.synthetic_image(side, side))
     vision = (
@@ -307,7 +334,7 @@ def bench_paligemma(a, device, dtype):
     # NOTE: Gemma2 has no SDPA path in transformers (soft-capping): its reference runs eager attention
     impl = "eager" if version == 2 else "sdpa"
     ours, proc, ref, hproc = load_pair(
-        paligemma, PaliGemmaForConditionalGeneration, ckpt, device, dtype, impl
+        a, paligemma, PaliGemmaForConditionalGeneration, ckpt, device, dtype, impl
     )
     print(f"transformers attention: {impl}")
     img = Image.fromarray(tiny.synthetic_image(240, 320))
@@ -326,7 +353,7 @@ def bench_llava_onevision(a, device, dtype):
 
     ckpt = checkpoint(a, tiny.build_llava_onevision, LlavaOnevisionForConditionalGeneration, device, dtype)
     ours, proc, ref, hproc = load_pair(
-        llava_onevision, LlavaOnevisionForConditionalGeneration, ckpt, device, dtype
+        a, llava_onevision, LlavaOnevisionForConditionalGeneration, ckpt, device, dtype
     )
     tile = ours.cfg.vision_config.image_size
     # tiny: a 2 x 2 tile grid plus the base; small: 1 tile plus the base (1485 tokens), to keep CPU runs short
@@ -349,7 +376,9 @@ def bench_video_llava(a, device, dtype):
     import video_llava
 
     ckpt = checkpoint(a, tiny.build_video_llava, VideoLlavaForConditionalGeneration, device, dtype)
-    ours, proc, ref, hproc = load_pair(video_llava, VideoLlavaForConditionalGeneration, ckpt, device, dtype)
+    ours, proc, ref, hproc = load_pair(
+        a, video_llava, VideoLlavaForConditionalGeneration, ckpt, device, dtype
+    )
     px = ours.cfg.vision_config.image_size
     video = tiny.synthetic_video(8, px, px * 4 // 3)  # the trained 8 frames
     vision = (
@@ -367,7 +396,7 @@ def bench_perception_lm(a, device, dtype):
 
     ckpt = checkpoint(a, tiny.build_perception_lm, PerceptionLMForConditionalGeneration, device, dtype)
     ours, proc, ref, hproc = load_pair(
-        perception_lm, PerceptionLMForConditionalGeneration, ckpt, device, dtype
+        a, perception_lm, PerceptionLMForConditionalGeneration, ckpt, device, dtype
     )
     tile = ours.cfg.vision_config.image_size
     img = Image.fromarray(tiny.synthetic_image(tile * 3 // 2, tile * 2))
@@ -400,7 +429,16 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--compile", action="store_true", help="ours compiled vs transformers static + compile")
+    ap.add_argument(
+        "--quantize",
+        choices=common.QUANTIZE_MODES,
+        help="ours quantized, against ours unquantized and transformers + torchao int8 (default dtype: bf16)",
+    )
+    ap.add_argument("--memory", action="store_true", help="print the parameter memory table and stop")
     a = ap.parse_args()
+    if a.memory:
+        print(memory_table())
+        return
     if a.batch < 2 or a.new_tokens < 2:
         ap.error("--batch and --new-tokens must be at least 2 (batch 1 is always measured)")
     if a.threads:
@@ -410,7 +448,7 @@ def main():
     if device.type == "cpu" and measure_memory:
         M_MMAP_THRESHOLD = -3  # a fixed threshold: blocks above it are unmapped as soon as they are freed
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    dtype = common.pick_dtype(a.dtype, device)
+    dtype = common.pick_dtype(a.dtype, device, a.quantize)
     runs = BENCHES[a.model](a, device, dtype)
     results = {name: {} for name in runs}
     warmup = {}
@@ -426,7 +464,7 @@ def main():
                 print(f"{name} failed, timed ours alone: {type(e).__name__}: {e}")
                 del runs[name], results[name]
         for key in runs["ours"]:  # interleaved: ours, transformers, ours, ...
-            for name in runs:
+            for name in [n for n in runs if key in runs[n]]:
                 fn = runs[name][key]
                 if key.startswith("decode"):  # these runs measure their own decode time
                     results[name][key] = statistics.median(fn() for _ in range(a.repeats))
@@ -440,20 +478,30 @@ def main():
         r["decode_tok_s_b1"] = (N - 1) / r.pop("decode1")
         r[f"decode_tok_s_b{a.batch}"] = a.batch * (N - 1) / r.pop("decodeB")
     keys = list(results["ours"])
-    print(f"{'':18}" + "".join(f"{k:>18}" for k in keys))
+    label = {"ours": f"ours {a.quantize}" if a.quantize else "ours", "transformers": BENCHED.get("peer")}
+    label["ours unquantized"] = f"ours {str(dtype).removeprefix('torch.')}"
+    width = max(18, *(len(label.get(n) or n) + 2 for n in results))
+    print(f"{'':{width}}" + "".join(f"{k:>18}" for k in keys))
     for name, r in results.items():
-        print(f"{name:18}" + "".join(f"{r[k]:18.4f}" for k in keys))
-    if "transformers" in results:
-        theirs = results["transformers"]
-        ratio = {k: results["ours"][k] / theirs[k] if theirs[k] else float("nan") for k in keys}
-        print(f"{'ours/transformers':18}" + "".join(f"{ratio[k]:18.2f}" for k in keys))
+        print(
+            f"{label.get(name) or name:{width}}"
+            + "".join(f"{r[k]:18.4f}" if k in r else f"{'':18}" for k in keys)
+        )
+    for other in ("transformers", "ours unquantized"):
+        if other in results:
+            theirs = results[other]
+            ratio = {k: results["ours"][k] / theirs[k] if theirs.get(k) else None for k in keys}
+            print(
+                f"{'ours/' + other.removeprefix('ours '):{width}}"
+                + "".join(f"{ratio[k]:18.2f}" if ratio[k] is not None else f"{'':18}" for k in keys)
+            )
     print(
         "warm-up s"
         + (" (compiles)" if a.compile else "")
         + ": "
         + ", ".join(f"{n} {t:.1f}" for n, t in warmup.items())
     )
-    roofline(BENCHED["model"], BENCHED["prompt_tokens"], results, a, device)
+    roofline(BENCHED["prompt_tokens"], results, a, device)
 
 
 VISION_PARTS = ("visual.", "vision_tower.", "image_tower.", "video_tower.", "multi_modal_projector.")
@@ -466,29 +514,26 @@ def cache_shape(model, prompt_tokens: int, new_tokens: int) -> tuple[int, int, i
     return tc.num_hidden_layers, tc.num_key_value_heads, prompt_tokens + new_tokens // 2, Dh
 
 
-def decoder_weights(model) -> list[torch.Tensor]:
-    """The weight of every linear layer of the decoder, the output projection included."""
-    return [
-        m.weight
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.startswith(VISION_PARTS)
-    ]
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """Every linear layer of the decoder, plain or quantized, the output layer included."""
+    kinds = (torch.nn.Linear, common.QuantLinear)
+    return [m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(VISION_PARTS)]
 
 
 def decode_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
-    """Bytes one batch-1 decode step reads: the decoder's weights (the vision tower and projector are not
-    used; the input embedding table only when it is tied to the output one) and the KV cache, half full."""
+    """Bytes one batch-1 decode step reads: the decoder's weights, as stored (quantized layers keep theirs in
+    buffers; the vision tower and projector are not used; the input embedding table only when it is tied to
+    the output layer) and the KV cache, half full."""
     skip = VISION_PARTS + ("image_newline",)
-    tied = model.lm_head.weight is next(
-        m.weight for n, m in model.named_modules() if n.endswith("embed_tokens")
-    )
+    embed = next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
+    tied = model.lm_head.weight is embed.weight
     weights = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
+        t.numel() * t.element_size()
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
         if not n.startswith(skip) and (tied or not n.endswith("embed_tokens.weight"))
     )
     layers, Hkv, S, Dh = cache_shape(model, prompt_tokens, new_tokens)
-    return weights + 2 * layers * Hkv * S * Dh * next(model.parameters()).element_size()
+    return weights + 2 * layers * Hkv * S * Dh * embed.weight.element_size()
 
 
 def gemv_bandwidth(n_bytes: int, device, dtype) -> float:
@@ -503,41 +548,144 @@ def gemv_bandwidth(n_bytes: int, device, dtype) -> float:
 
 
 def decode_floor(model, prompt_tokens: int, new_tokens: int, device) -> float:
-    """Seconds the reading part of one batch-1 decode step takes run bare: one matrix-vector product with each
-    of the decoder's weight matrices (the model's own tensors), then one query's attention over each layer's
-    half-full cache. No implementation can skip this work; small matrices reach less of the bandwidth than one
-    large GEMV, so the floor sits below the roofline."""
-    weights = decoder_weights(model)
-    xs = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
-    layers, Hkv, S, Dh = cache_shape(model, prompt_tokens, new_tokens)
-    dtype = weights[0].dtype
+    """Seconds the reading part of one batch-1 decode step takes run bare: each of the decoder's linear
+    layers (the model's own, quantized ones included) on one row, then one query's attention over each
+    layer's half-full cache. No implementation can skip this work; small matrices reach less of the bandwidth
+    than one large GEMV, so the floor sits below the roofline."""
+    layers = decoder_layers(model)
+    dtype = next(m for n, m in model.named_modules() if n.endswith("embed_tokens")).weight.dtype
+    xs = [torch.randn(1, m.in_features, device=device, dtype=dtype) for m in layers]
+    n_layers, Hkv, S, Dh = cache_shape(model, prompt_tokens, new_tokens)
     q = torch.randn(1, model.cfg.text_config.num_attention_heads, 1, Dh, device=device, dtype=dtype)
-    caches = [torch.randn(2, 1, Hkv, S, Dh, device=device, dtype=dtype) for _ in range(layers)]
+    caches = [torch.randn(2, 1, Hkv, S, Dh, device=device, dtype=dtype) for _ in range(n_layers)]
 
     def step():
-        for x, w in zip(xs, weights):
-            torch.nn.functional.linear(x, w)
+        for x, m in zip(xs, layers):
+            m(x)
         for k, v in caches:
             torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     return min(timed(step, device)[0] for _ in range(10))
 
 
-def roofline(model, prompt_tokens: int, results, a, device) -> None:
-    n = decode_bytes(model, prompt_tokens, a.new_tokens)
-    bw = gemv_bandwidth(n, device, next(model.parameters()).dtype)
-    floor = decode_floor(model, prompt_tokens, a.new_tokens, device)
-    shares = {k: r["decode_tok_s_b1"] * n / bw for k, r in results.items()}
+def roofline(prompt_tokens: int, results, a, device) -> None:
+    """Each run's batch-1 decode rate against the bytes its step reads: as a share of the GEMV bandwidth,
+    and of the floor (the same reads run bare)."""
+    ours = BENCHED["model"]
+    models = {"ours": ours, "ours unquantized": BENCHED.get("unquantized")}
+    # transformers reads what ours reads; with --quantize, what ours int8 reads (torchao int8) or, without
+    # torchao, what ours unquantized reads
+    models["transformers"] = (BENCHED.get("unquantized") or ours) if "peer" not in BENCHED else None
+    if "peer" in BENCHED and a.quantize == "int8":
+        models["transformers"] = ours
+    n = {
+        k: decode_bytes(m, prompt_tokens, a.new_tokens)
+        for k, m in models.items()
+        if m is not None and k in results
+    }
+    dtype = next(m for k, m in ours.named_modules() if k.endswith("embed_tokens")).weight.dtype
+    bw = gemv_bandwidth(max(n.values()), device, dtype)
     print(
-        f"decode roofline, batch 1: {n / 1e6:.1f} MB read per token, GEMV bandwidth {bw / 1e9:.1f} GB/s -> "
-        + ", ".join(f"{k} {s:.0%}" for k, s in shares.items())
+        f"decode roofline, batch 1: GEMV bandwidth {bw / 1e9:.1f} GB/s; bytes read per token -> share of it: "
+        + ", ".join(f"{k} {n[k] / 1e6:.1f} MB -> {results[k]['decode_tok_s_b1'] * n[k] / bw:.0%}" for k in n)
     )
-    print(
-        f"the step's weight products and cache attention run bare: {floor * 1e3:.2f} ms "
-        f"({n / floor / 1e9:.1f} GB/s) -> "
-        + ", ".join(f"{k} {r['decode_tok_s_b1'] * floor:.0%}" for k, r in results.items())
-        + " of that floor"
-    )
+    for k in ("ours", "ours unquantized"):
+        if models[k] is not None:
+            floor = decode_floor(models[k], prompt_tokens, a.new_tokens, device)
+            rate = results[k]["decode_tok_s_b1"]
+            print(
+                f"{k}: the step's weight products and cache attention run bare: {floor * 1e3:.2f} ms "
+                f"({n[k] / floor / 1e9:.1f} GB/s) -> {rate * floor:.0%} of that floor"
+                + (
+                    f"; transformers {results['transformers']['decode_tok_s_b1'] * floor:.0%}"
+                    if k == "ours" and models["transformers"] is ours
+                    else ""
+                )
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter memory of every published checkpoint (python bench.py --memory): no weights, only the configs
+
+
+# PaliGemma 2 10B and 28B: the Gemma 2 9B and 27B decoders (models-spec.md, section 2); the rest of their
+# config.json is the 3B one's.
+TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+TEXT_FIELDS += ("intermediate_size", "query_pre_attn_scalar")
+PALIGEMMA2_TEXT = {"10b": (3584, 42, 16, 8, 256, 14336, 256), "28b": (4608, 46, 32, 16, 128, 36864, 144)}
+
+
+def published_config(file: str, preset: str) -> dict:
+    """The config.json of a preset, from tests/data. Checkpoints that differ from a stored one only in
+    training (PaliGemma pt/mix, LLaVA-OneVision si/ov) share its file; PaliGemma at 896 px is the 448 one
+    with 4096 positions; PaliGemma 2 10B/28B is the 3B one with PALIGEMMA2_TEXT."""
+    data = ROOT / "tests" / "data" / file
+    if file == "paligemma":
+        gen, size, _, px = re.fullmatch(r"(paligemma2?)-(\d+b)-(pt|mix)-(\d+)", preset).groups()
+        d = json.loads((data / f"{gen}-3b-mix-{min(int(px), 448)}.config.json").read_text())
+        d["vision_config"]["image_size"] = int(px)
+        if size in PALIGEMMA2_TEXT:
+            d["text_config"].update(zip(TEXT_FIELDS, PALIGEMMA2_TEXT[size]))
+            d["projection_dim"] = d["vision_config"]["projection_dim"] = d["text_config"]["hidden_size"]
+        return d
+    name = {
+        "qwen2_vl": lambda p: f"Qwen2-VL-{p.upper()}-Instruct",
+        "llava_onevision": lambda p: f"llava-onevision-qwen2-{p.split('-')[0]}-ov-hf",
+        "video_llava": lambda p: "Video-LLaVA-7B-hf",
+        "perception_lm": lambda p: f"Perception-LM-{p.upper()}",
+    }[file](preset)
+    return json.loads((data / f"{name}.config.json").read_text())
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of every parameter and buffer, floating tensors counted in bfloat16 (a meta model's are
+    float32)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VL",
+    "paligemma": "PaliGemma",
+    "llava_onevision": "LlavaOnevision",
+    "video_llava": "VideoLlava",
+    "perception_lm": "PerceptionLM",
+}
+
+
+def memory_table() -> str:
+    """A Markdown table: parameters and their memory in bf16, int8 and int4 for every preset of every file,
+    built on the meta device from the published configs (presets with the same figures share a row)."""
+    import importlib
+
+    rows: dict[tuple, list[str]] = {}
+    for file, class_name in MODEL_CLASSES.items():
+        m = importlib.import_module(file)
+        done: dict[str, tuple] = {}  # config.json -> its row's key: presets that share a file share a row
+        for preset, repo in m.PRESETS.items():
+            d = json.dumps(published_config(file, preset))
+            if d in done:
+                rows[done[d]].append(repo)
+                continue
+            cfg = m.config_from_hf(json.loads(d))
+            sizes = []
+            for mode in (None, *common.QUANTIZE_MODES):
+                with torch.device("meta"):
+                    model = getattr(m, class_name)(cfg)
+                if mode is None:
+                    n = sum(p.numel() for p in model.parameters())
+                else:
+                    common.quantize(model, mode, device="cpu", dtype=torch.bfloat16)
+                sizes.append(parameter_bytes(model))
+            done[d] = (file, n, *sizes)
+            rows[done[d]] = [repo]
+    lines = ["| checkpoint | parameters | bf16 | int8 | int4 | int4 / bf16 |", "|---|---|---|---|---|---|"]
+    for (_, n, *sizes), repos in rows.items():
+        others = ", ".join(r.split("/")[-1] for r in repos[1:])
+        name = f"{repos[0]} (and {others})" if others else repos[0]
+        gb = " | ".join(f"{b / 1e9:.2f} GB" for b in sizes)
+        lines.append(f"| {name} | {n / 1e9:.2f} B | {gb} | {sizes[2] / sizes[0]:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,15 @@ def parser(
     )
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     g.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on CUDA or with --quantize, else float32",
+    )
+    g.add_argument(
+        "--quantize",
+        choices=common.QUANTIZE_MODES,
+        help="store the decoder's linear layers in 8 or 4 bits as they load: less memory, faster decoding "
+        "(the vision tower, projector and embeddings stay in --dtype; default: off)",
     )
     limit = common.DEFAULT_MAX_IMAGE_PIXELS
     g.add_argument(
@@ -178,6 +186,7 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
     n, ttft = gen.tokens.shape[1], (first[0] if first else t1) - t0
     rate = round((n - 1) / (t1 - t0 - ttft), 2) if n > 1 and t1 - t0 > ttft else None
     summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
+    summary.update(quantize=a.quantize)
     summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
     summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=gen.stopped)
     if a.compile:  # the first decode step compiles

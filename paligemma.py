@@ -579,6 +579,8 @@ STAGES = [
 
 
 class PaliGemma(nn.Module):
+    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
         self.cfg = cfg
@@ -796,15 +798,20 @@ def rename(key: str) -> str | None:
     return re.sub(r"^language_model\.model\.", "language_model.", key)
 
 
-def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PaliGemma, Processor]:
-    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+def load(
+    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
+) -> tuple[PaliGemma, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
+    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "paligemma", "paligemma.py")
     cfg = config_from_hf(raw)
     device = common.pick_device(device)
-    dtype = common.pick_dtype(dtype, device)
+    dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = PaliGemma(cfg)
+    if quantize:
+        common.quantize(model, quantize, device=device, dtype=dtype)
     common.load_weights(
         model, ckpt, rename, device, dtype, {"lm_head.weight": "language_model.embed_tokens.weight"}
     )
@@ -848,7 +855,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.image:
         raise ValueError("PaliGemma needs an image: pass --image PATH")
 
-    model, processor = load(a.model, a.device, a.dtype)
+    model, processor = load(a.model, a.device, a.dtype, a.quantize)
     images, _ = cli.load_media(a, processor)
     inputs = processor(text=a.prompt, images=[images])
     S, n = processor.image.image_size, processor.image.image_seq_length

@@ -634,6 +634,8 @@ STAGES = [
 
 
 class PerceptionLM(nn.Module):
+    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+
     def __init__(self, cfg: PerceptionLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -837,15 +839,20 @@ def rename(key: str) -> str | None:
     return re.sub(r"^vision_tower\.(?!timm_model\.)", "vision_tower.timm_model.", key)
 
 
-def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[PerceptionLM, Processor]:
-    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+def load(
+    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
+) -> tuple[PerceptionLM, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
+    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "perception_lm", "perception_lm.py")
     cfg = config_from_hf(raw)
     device = common.pick_device(device)
-    dtype = common.pick_dtype(dtype, device)
+    dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = PerceptionLM(cfg)
+    if quantize:
+        common.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt)
@@ -878,7 +885,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.max_num_tiles is not None and a.max_num_tiles < 1:
         raise ValueError(f"--max-num-tiles must be >= 1, got {a.max_num_tiles}")
 
-    model, processor = load(a.model, a.device, a.dtype)
+    model, processor = load(a.model, a.device, a.dtype, a.quantize)
     if a.max_num_tiles is not None:
         processor.image = replace(processor.image, max_num_tiles=a.max_num_tiles)
     images, videos = cli.load_media(a, processor)

@@ -661,6 +661,8 @@ STAGES = [
 
 
 class Qwen2VL(nn.Module):
+    quantized_parts = ("model", "lm_head")  # the decoder's linear layers, for common.quantize
+
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
         self.cfg = cfg
@@ -863,15 +865,20 @@ def rename(key: str) -> str | None:
     return re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", key)
 
 
-def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[Qwen2VL, Processor]:
-    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+def load(
+    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
+) -> tuple[Qwen2VL, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
+    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "qwen2_vl", "qwen2_vl.py")
     cfg = config_from_hf(raw)
     device = common.pick_device(device)
-    dtype = common.pick_dtype(dtype, device)
+    dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = Qwen2VL(cfg)
+    if quantize:
+        common.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt)
@@ -903,7 +910,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = cli.check(ap.parse_args(argv))
 
-    model, processor = load(a.model, a.device, a.dtype)
+    model, processor = load(a.model, a.device, a.dtype, a.quantize)
     bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
     processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
     images, videos = cli.load_media(a, processor)

@@ -524,6 +524,8 @@ STAGES = [
 
 
 class VideoLlava(nn.Module):
+    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+
     def __init__(self, cfg: VideoLlavaConfig):
         super().__init__()
         self.cfg = cfg
@@ -730,15 +732,20 @@ def rename(key: str) -> str | None:
     return re.sub(r"^language_model\.model\.", "language_model.", key)
 
 
-def load(name_or_path: str = DEFAULT, device=None, dtype=None) -> tuple[VideoLlava, Processor]:
-    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor)."""
+def load(
+    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
+) -> tuple[VideoLlava, Processor]:
+    """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
+    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "video_llava", "video_llava.py")
     cfg = config_from_hf(raw)
     device = common.pick_device(device)
-    dtype = common.pick_dtype(dtype, device)
+    dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = VideoLlava(cfg)
+    if quantize:
+        common.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt, cfg.vision_config.patch_size)
@@ -766,7 +773,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = cli.check(ap.parse_args(argv))
 
-    model, processor = load(a.model, a.device, a.dtype)
+    model, processor = load(a.model, a.device, a.dtype, a.quantize)
     images, videos = cli.load_media(a, processor)
     prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)

@@ -15,3 +15,10 @@ def test_line_counts_are_true():
             assert not path.exists(), f"{name} exists: give its line count in the README"
         else:
             assert len(path.read_text().splitlines()) == int(count), f"README says {name} has {count} lines"
+
+
+def test_memory_table_is_computed():
+    """The README's parameter memory table is what `python bench.py --memory` prints."""
+    import bench
+
+    assert bench.memory_table() in (ROOT / "README.md").read_text()
