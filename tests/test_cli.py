@@ -82,6 +82,7 @@ BAD_EVERYWHERE = {
     "max-image-pixels 0": (["--max-image-pixels", "0"], "--max-image-pixels must be >= 1"),
     "unknown flag": (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     "bad number": (["--top-k", "two"], "invalid int value: 'two'"),
+    "quantize int3": (["--quantize", "int3"], "invalid choice: 'int3' (choose from 'int8', 'int4')"),
 }
 if not torch.cuda.is_available():
     BAD_EVERYWHERE["cuda without a GPU"] = (["--device", "cuda"], "torch sees no CUDA GPU")
