@@ -66,7 +66,11 @@ def parser(
         ap.add_argument(
             "--fps", type=float, help="sample this many frames per second instead of --num-frames"
         )
-    ap.add_argument("--prompt", required=True, help="the question or instruction")
+    prompt = ap.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the question or instruction")
+    prompt.add_argument(
+        "--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 text file (- for standard input)"
+    )
     if system is not None:
         ap.add_argument("--system", help=f"system message (default: {system})")
     ap.add_argument("--show-prompt", action="store_true", help="print the full prompt to stderr")
@@ -110,11 +114,41 @@ def parser(
     return ap
 
 
+def is_utf8(text: str) -> bool:
+    """False for a command-line string that held bytes which are not UTF-8 (Python keeps them as lone
+    surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def read_prompt_file(path: str) -> str:
+    """The prompt from a UTF-8 file or standard input ("-"), without its final newline: for prompts longer
+    than a command line takes (Linux: 128 KiB per argument)."""
+    if path != "-" and not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "standard input" if path == "-" else path
+        raise ValueError(f"{where} is not UTF-8 text (byte {e.start}): save the prompt as UTF-8") from e
+    return text.removesuffix("\n")
+
+
 def check(a: argparse.Namespace) -> argparse.Namespace:
     """The parsed flags, after everything the command line can check before downloading or loading a
     checkpoint: sampling ranges, frame counts, the image size limit, that local media files exist, the
     device."""
     common.GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    if a.prompt_file is not None:
+        a.prompt = read_prompt_file(a.prompt_file)
+    for flag in ("prompt", "system"):
+        text = getattr(a, flag, None)
+        if text is not None and not is_utf8(text):
+            raise ValueError(f"--{flag} is not valid UTF-8 text: write it in UTF-8 (or use --prompt-file)")
     if a.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
     for kind, sources in (("image", a.image), ("video", getattr(a, "video", []))):
@@ -140,7 +174,8 @@ def messages(a, n_images: int, n_videos: int) -> list[dict]:
     videos and the --prompt text."""
     media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
     user = {"role": "user", "content": media + [{"type": "text", "text": a.prompt}]}
-    return ([{"role": "system", "content": a.system}] if a.system else []) + [user]
+    system = getattr(a, "system", None)  # "" is an empty system turn, as the checkpoints' templates render it
+    return ([{"role": "system", "content": system}] if system is not None else []) + [user]
 
 
 def visual_tokens(inputs: dict, processor) -> int:
@@ -210,14 +245,19 @@ def explain(rows: list[dict], inputs: dict) -> None:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Runs a CLI's main(). A problem the user can fix ends with one `error: ...` line (exit status 1), Ctrl-C
-    with one line (exit status 130); warnings are one `warning: ...` line each. Never a traceback."""
+    """Runs a CLI's main(). A problem the user can cause (ValueError, OSError, out of memory) ends with one
+    `error: ...` line (exit status 1), Ctrl-C with one line (exit status 130); warnings are one `warning: ...`
+    line each. Anything else is a bug: one line saying so, then its traceback."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, RuntimeError, OSError) as e:  # OSError includes FileNotFoundError
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:  # OSError includes FileNotFoundError
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         sys.exit(1)
+    except Exception:
+        bug = "error: an internal error, a bug to report (with the command line and the traceback below)"
+        print(bug, file=sys.stderr)
+        raise

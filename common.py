@@ -108,7 +108,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the checkpoint directory must contain tokenizer.json")
-        self.tok = _Tokenizer.from_file(str(path))
+        try:
+            self.tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a broken file
+            raise ValueError(f"{path} is not a readable tokenizer file ({e}): download it again") from e
         self.vocab = self.tok.get_vocab(with_added_tokens=True)
 
     def token_id(self, token: str) -> int:
@@ -160,6 +163,13 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[t
     Generation needs side="left", so that every row's last prompt token is in the last column."""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+    if not rows:
+        raise ValueError("no prompts: give text= a string or a non-empty list of strings")
+    for b, r in enumerate(rows):
+        if not r:
+            raise ValueError(
+                f"prompt {b} is empty: it has no tokens to continue (write it with the chat template)"
+            )
     T = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -212,8 +222,16 @@ def checkpoint_dir(name_or_path: str | Path) -> Path:
 
 
 def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object from a checkpoint file; anything else (a cut download, an HTML error page saved under
+    the name, a list) is one ValueError that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): download it again") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object: download it again")
+    return d
 
 
 def read_json_if_present(path: Path) -> dict | None:
@@ -251,7 +269,10 @@ def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
     """Tensor name -> file, for one `model.safetensors` or shards listed in `model.safetensors.index.json`."""
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        return {k: ckpt / f for k, f in read_json(index)["weight_map"].items()}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor names to shard files: download it again")
+        return {k: ckpt / f for k, f in weight_map.items()}
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {ckpt} (weights are only loaded from safetensors)")
@@ -288,6 +309,7 @@ def load_weights(
     tied = tied or {}
     quantized = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()} | set(quantized)
     for k, m in quantized.items():  # the checkpoint holds the float weight that the layer's buffers come from
         for buffer in ("weight", "scale", "scales_and_zeros"):
             expected.pop(k[: -len("weight")] + buffer, None)
@@ -314,7 +336,18 @@ def load_weights(
                 if new not in expected:
                     unexpected.append(name if new == name else f"{name} (as {new})")
                     continue
-                t = sf.get_tensor(name)
+                try:
+                    t = sf.get_tensor(name)
+                except Exception as e:  # e.g. an index that names the wrong shard, or a cut shard
+                    raise ValueError(
+                        f"tensor {name} cannot be read from {f} ({e}): download the checkpoint again"
+                    ) from e
+                if new in floating and not t.is_floating_point():
+                    raise ValueError(
+                        f"tensor {name} in {f} is {str(t.dtype).removeprefix('torch.')}, where the model "
+                        "takes float weights: is it a quantized export? Load the original checkpoint (and "
+                        "quantize it with --quantize / load(..., quantize=...))"
+                    )
                 put(new, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     for dst, src in tied.items():
         if dst not in shapes and src in state:
@@ -599,6 +632,8 @@ class GenerationSettings:
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
             ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 = off)"),
         ]
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         for name, value, ok, allowed in checks:
             finite = math.isfinite(value)
             whole = name not in ("max_new_tokens", "top_k") or (finite and value == int(value))  # counts
@@ -609,6 +644,8 @@ class GenerationSettings:
 def left_padded_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The attention mask (all ones when None), which generation needs left-padded: every row's last token
     real, so that the new tokens of all rows go to the same cache slot."""
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens: the prompt is empty")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not bool(attention_mask[:, -1].all()):
@@ -622,9 +659,16 @@ def cache_length(T: int, max_new_tokens: int) -> int:
     return -(-(T + max_new_tokens) // 16) * 16
 
 
-def check_finite(first_logits: torch.Tensor) -> None:
+def check_finite(first_logits: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN/inf logits after the prefill: float16 overflows in these models; in another dtype the weights or
+    the inputs hold NaN/inf."""
     if not bool(torch.isfinite(first_logits).all()):
-        raise RuntimeError("the prefill produced NaN/inf logits (float16 overflow?): use bfloat16 or float32")
+        if dtype == torch.float16:
+            raise ValueError("the prefill produced NaN/inf logits in float16 (it overflows): use bfloat16")
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"the prefill produced NaN/inf logits in {name}: the checkpoint's weights hold NaN/inf"
+        )
 
 
 def check_context(n_positions: int, max_new_tokens: int, limit: int) -> None:
@@ -789,7 +833,10 @@ def load_image(
         head, _, payload = src.partition(",")
         if ";base64" not in head:
             raise ValueError("only base64 data URIs are supported (data:image/png;base64,...)")
-        data, name = base64.b64decode(payload), "the data URI"
+        try:
+            data, name = base64.b64decode(payload, validate=True), "the data URI"
+        except ValueError as e:
+            raise ValueError(f"the data URI's base64 payload does not decode ({e})") from e
     elif src.startswith(("http://", "https://")):
         data, name = _read_url(src), src
     else:

@@ -36,6 +36,7 @@ Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemm
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -197,7 +198,9 @@ class Processor:
         `suffix`: the expected answer for fine-tuning; it is appended with <eos> and becomes `labels`."""
         if images is None:
             raise ValueError("PaliGemma needs an image with every prompt (pass images=...)")
-        texts = common.as_list(text) or [""]
+        texts = [""] if text is None else common.as_list(text)
+        if not texts:
+            raise ValueError("no prompts: give text= a string or a non-empty list of strings")
         images = common.as_list(images)
         rows = []
         if not any(IMAGE_TOKEN in t for t in texts):
@@ -217,6 +220,7 @@ class Processor:
             rows = [build_prompt(t, len(ims)) for t, ims in zip(texts, per_row, strict=True)]
             images = [im for ims in per_row for im in ims]
         else:
+            images = [im for item in images for im in common.as_list(item)]  # flat, or one list per row
             common.check_placeholders(texts, {IMAGE_TOKEN: images}, "or none: build_prompt adds them")
             for t in texts:
                 end = t.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
@@ -713,7 +717,7 @@ class PaliGemma(nn.Module):
         prefix = F.pad(token_type_ids == 0, (0, S_max - T))  # (B, S_max): generated tokens are not prefix
         pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
         first = self.prefill(x, pos, self.masks(keep[:, :T], prefix[:, :T], T), caches)  # (B, V)
-        common.check_finite(first)
+        common.check_finite(first, x.dtype)
         # 4. decode, one token per step
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)
@@ -836,6 +840,17 @@ def load(
 # ==========================================================================================================
 
 
+def check_output_image(path: str) -> None:
+    """Before loading: --draw-boxes must name a writable directory and an image format PIL writes."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--draw-boxes {path}: {folder} is not a directory this program can write to")
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--draw-boxes {path}: end the name in an image extension PIL writes, such as .png")
+
+
 def main(argv: list[str] | None = None) -> None:
     import cli  # the program's helpers: loaded when the file runs as a program, never on import
 
@@ -854,6 +869,8 @@ def main(argv: list[str] | None = None) -> None:
     a = cli.check(ap.parse_args(argv))
     if not a.image:
         raise ValueError("PaliGemma needs an image: pass --image PATH")
+    if a.draw_boxes:
+        check_output_image(a.draw_boxes)
 
     model, processor = load(a.model, a.device, a.dtype, a.quantize)
     images, _ = cli.load_media(a, processor)

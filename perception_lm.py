@@ -752,7 +752,7 @@ class PerceptionLM(nn.Module):
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        common.check_finite(first)
+        common.check_finite(first, x.dtype)
         # 4. decode, one token per step
         n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
         next_slot = torch.full((1,), T, device=x.device)

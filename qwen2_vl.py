@@ -788,7 +788,7 @@ class Qwen2VL(nn.Module):
         caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         first = self.prefill(x, pos3, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        common.check_finite(first)
+        common.check_finite(first, x.dtype)
         # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
         n_real = attention_mask.sum(1)  # (B,)
         next_slot = torch.full((1,), T, device=x.device)

@@ -4,6 +4,7 @@ The bad-input matrix runs each file's `main` in this process through `cli.run_ma
 `if __name__ == "__main__"` line does, so it is fast; a few tests run the real scripts."""
 
 import importlib
+import io
 import json
 import shutil
 import subprocess
@@ -336,3 +337,193 @@ def test_no_function_changes_module_state():
     for name in [*FILES, "common", "cli", "bench"]:
         source = (ROOT / f"{name}.py").read_text()
         assert not [line for line in source.splitlines() if line.strip().startswith("global ")], name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile checkpoints, prompts and flags: one `error:` line each, and valid odd inputs accepted
+
+
+def copy_with(src, dst, change):
+    """A copy of a checkpoint directory with `change(dst)` applied."""
+    shutil.copytree(src, dst)
+    change(dst)
+    return dst
+
+
+def wrong_shard(d):
+    """The index names the other shard for one tensor."""
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    others = sorted({f for f in index["weight_map"].values() if f != shard})
+    index["weight_map"][name] = others[0]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def rewrite_tensor(d, change):
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(d.glob("*.safetensors"))[0]
+    state = load_file(shard)
+    name = next(k for k in sorted(state) if "layers.0" in k and "proj.weight" in k)
+    state[name] = change(state[name])
+    save_file(state, shard, metadata={"format": "pt"})
+
+
+def write(name, text):
+    return lambda d: (d / name).write_text(text)
+
+
+BROKEN_FILES = {
+    "config.json not JSON": (write("config.json", "{ not json"), "config.json is not valid JSON"),
+    "config.json a list": (write("config.json", "[1, 2]"), "config.json holds a JSON list, not an object"),
+    "generation_config.json": (write("generation_config.json", "{"), "generation_config.json is not valid"),
+    "preprocessor_config.json": (
+        write("preprocessor_config.json", "<html>"),
+        "preprocessor_config.json is not",
+    ),
+    "tokenizer.json": (write("tokenizer.json", '{"model": '), "tokenizer.json is not a readable tokenizer"),
+    "index not JSON": (
+        write("model.safetensors.index.json", "{"),
+        "model.safetensors.index.json is not valid",
+    ),
+    "index without weight_map": (write("model.safetensors.index.json", "{}"), "has no weight_map"),
+    "tensor in the wrong shard": (wrong_shard, "cannot be read from"),
+    "int8 weights": (
+        lambda d: rewrite_tensor(d, lambda t: t.to(torch.int8)),
+        "is int8, where the model takes float",
+    ),
+    "NaN weights": (
+        lambda d: rewrite_tensor(d, lambda t: torch.full_like(t, float("nan"))),
+        "NaN/inf logits in float32: the checkpoint's weights hold NaN/inf",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_FILES, ids=str)
+@pytest.mark.parametrize("file", FILES)
+def test_broken_checkpoint_files(file, case, ckpt, media, capsys, tmp_path):
+    change, needle = BROKEN_FILES[case]
+    broken = copy_with(ckpt[file], tmp_path / "broken", change)
+    args = base(file, ckpt, media) + ["--model", broken, "--max-new-tokens", "2"]
+    assert_one_error_line(*run(capsys, file, args), needle)
+
+
+BAD_PROMPTS = {  # extra flags -> what the error says; all found before a checkpoint is loaded
+    "prompt not UTF-8": (["--prompt", "caption en \udcff"], "--prompt is not valid UTF-8 text"),
+    "missing prompt file": (["--prompt-file", "nope.txt"], "prompt file not found: nope.txt"),
+    "prompt and prompt file": (["--prompt-file", "x.txt"], "not allowed with argument --prompt"),
+    "seed 2**70": (["--seed", str(2**70)], "seed must be a whole number in [0, 2**63)"),
+    "seed -1": (["--seed", "-1"], "seed must be a whole number in [0, 2**63)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROMPTS, ids=str)
+@pytest.mark.parametrize("file", FILES)
+def test_bad_prompts_and_seeds_stop_before_loading(file, case, ckpt, media, capsys, monkeypatch):
+    extra, needle = BAD_PROMPTS[case]
+    m = importlib.import_module(file)
+    monkeypatch.setattr(m, "load", lambda *a, **k: pytest.fail("loaded a checkpoint before checking"))
+    args = base(file, ckpt, media)
+    if extra[0].startswith("--prompt") and case != "prompt and prompt file":
+        args = args[:2] + args[4:]  # without --prompt
+    assert_one_error_line(*run(capsys, file, args + extra), needle)
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_prompt_file_gives_the_prompts_answer(file, ckpt, media, capsys, tmp_path, monkeypatch):
+    prompt = PROMPT.get(file, "Describe it.")
+    (tmp_path / "p.txt").write_text(prompt + "\n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    args = base(file, ckpt, media) + ["--max-new-tokens", "4"]
+    code, want, err = run(capsys, file, args)
+    assert code == 0, err
+    without = args[:2] + args[4:]
+    code, got, err = run(capsys, file, without + ["--prompt-file", tmp_path / "p.txt"])
+    assert code == 0 and got == want, err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(prompt.encode())))
+    code, got, err = run(capsys, file, without + ["--prompt-file", "-"])
+    assert code == 0 and got == want, err
+    code, out, err = run(capsys, file, without + ["--prompt-file", tmp_path / "latin1.txt"])
+    assert_one_error_line(code, out, err, "latin1.txt is not UTF-8 text (byte 3)")
+
+
+def test_other_bad_inputs(ckpt, media, capsys, tmp_path):
+    bad_uri = "data:image/png;base64,%%%not-base64%%%"
+    cases = [
+        ("qwen2_vl", ["--image", bad_uri], "the data URI's base64 payload does not decode"),
+        (
+            "paligemma",
+            ["--draw-boxes", tmp_path / "no" / "such" / "dir.png"],
+            "is not a directory this program",
+        ),
+        ("paligemma", ["--draw-boxes", tmp_path / "boxes.txt"], "end the name in an image extension"),
+    ]
+    for file, extra, needle in cases:
+        args = base(file, ckpt, media) + extra
+        if file == "paligemma":  # found before loading
+            m = importlib.import_module(file)
+            real, m.load = m.load, lambda *a, **k: pytest.fail("loaded a checkpoint before checking")
+            try:
+                assert_one_error_line(*run(capsys, file, args), needle)
+            finally:
+                m.load = real
+        else:
+            assert_one_error_line(*run(capsys, file, args), needle)
+
+
+def test_an_internal_error_is_called_a_bug(capsys):
+    def broken():
+        raise TypeError("an unexpected internal problem")
+
+    with pytest.raises(TypeError):
+        cli.run_main(broken)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: an internal error, a bug to report")
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_empty_prompts_in_the_python_api(file, ckpt):
+    """No prompt at all is one ValueError. An empty prompt gets the tokens transformers' processor gives it:
+    <bos> where the tokenizer adds one (Video-LLaVA; PaliGemma writes "<bos>" and "\n" around it), and the
+    model continues that; none in the three others, which is one ValueError that says so."""
+    m = importlib.import_module(file)
+    model, proc = m.load(ckpt[file], device="cpu")
+    with pytest.raises(ValueError, match="no prompts"):
+        proc(text=[], images=[])
+    if file == "paligemma":
+        with pytest.warns(UserWarning, match="no task prefix"):
+            inputs = proc(text="", images=[tiny.synthetic_image(60, 80)])
+    elif file == "video_llava":
+        inputs = proc(text="")
+        assert inputs["input_ids"].tolist() == [[proc.bos_token_id]]
+    else:
+        with pytest.raises(ValueError, match="prompt 0 is empty"):
+            proc(text="")
+        inputs = None
+    if inputs is not None:
+        assert model.generate(**inputs, max_new_tokens=2).shape == (1, 2)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="input_ids has no tokens"):
+        model.generate(input_ids=empty, attention_mask=empty)
+
+
+def test_paligemma_raw_prompt_with_its_own_image_token(ckpt, media, capsys):
+    """PaliGemma's own prompt format, "<image>" in the text: from the command line, and through the API with a
+    flat or a nested image list, the same tensors as transformers' processor."""
+    from transformers import AutoProcessor
+
+    import paligemma
+
+    args = base("paligemma", ckpt, media) + ["--max-new-tokens", "2"]
+    args[args.index("caption en")] = "<image>caption en"
+    code, out, err = run(capsys, "paligemma", args)
+    assert code == 0 and out.strip(), err
+    _, proc = paligemma.load(ckpt["paligemma"], device="cpu")
+    image = tiny.synthetic_image(60, 80)
+    flat = proc(text="<image>caption en", images=[image])
+    nested = proc(text="<image>caption en", images=[[image]])
+    theirs = tiny.reference_inputs(
+        AutoProcessor.from_pretrained(ckpt["paligemma"]), text=["<image>caption en"], images=[image]
+    )
+    for k in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(flat[k], nested[k]) and torch.equal(flat[k], theirs[k]), k

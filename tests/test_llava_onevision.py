@@ -130,6 +130,7 @@ CHATS = {
         {"role": "user", "content": [{"type": "text", "text": "What colour?"}]},
     ],
     "system": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + user("video"),
+    "empty_system": [{"role": "system", "content": ""}] + user("image"),  # --system ""
 }
 
 

@@ -140,6 +140,7 @@ CHATS = {
     "video": user("video", text="  Why is this funny?  "),
     "image_and_video": user("video", "image"),
     "system": [{"role": "system", "content": " Be brief. "}] + user("image"),
+    "empty_system": [{"role": "system", "content": ""}] + user("image"),  # --system ""
     "multi_turn": user("image")
     + [
         {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},

@@ -146,6 +146,7 @@ CHATS = {
         {"role": "user", "content": [{"type": "text", "text": "More detail."}]},
     ],
     "system": [{"role": "system", "content": "Be brief."}] + user("video"),
+    "empty_system": [{"role": "system", "content": ""}] + user("image"),  # --system ""
     "system_list_content": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
     + user("image"),
 }

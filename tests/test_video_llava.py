@@ -107,6 +107,7 @@ CHATS = {
         {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]},
     ],
     "system": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + user("image"),
+    "empty_system": [{"role": "system", "content": ""}] + user("image"),  # --system ""
     "string_content": [{"role": "user", "content": "Hello"}],
 }
 
