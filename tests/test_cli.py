@@ -93,9 +93,16 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("file", FILES)
 def test_bad_flag_values_stop_before_loading(file, case, ckpt, media, capsys, monkeypatch):
     extra, needle = BAD_EVERYWHERE[case]
+    assert_one_error_line(
+        *run_without_loading(capsys, monkeypatch, file, base(file, ckpt, media) + extra), needle
+    )
+
+
+def run_without_loading(capsys, monkeypatch, file, args):
+    """`run`, with the file's `load` made to fail the test: what it reports is found before loading."""
     m = importlib.import_module(file)
     monkeypatch.setattr(m, "load", lambda *a, **k: pytest.fail("loaded a checkpoint before checking"))
-    assert_one_error_line(*run(capsys, file, base(file, ckpt, media) + extra), needle)
+    return run(capsys, file, args)
 
 
 BAD_FRAMES = {
@@ -421,12 +428,10 @@ BAD_PROMPTS = {  # extra flags -> what the error says; all found before a checkp
 @pytest.mark.parametrize("file", FILES)
 def test_bad_prompts_and_seeds_stop_before_loading(file, case, ckpt, media, capsys, monkeypatch):
     extra, needle = BAD_PROMPTS[case]
-    m = importlib.import_module(file)
-    monkeypatch.setattr(m, "load", lambda *a, **k: pytest.fail("loaded a checkpoint before checking"))
     args = base(file, ckpt, media)
     if extra[0].startswith("--prompt") and case != "prompt and prompt file":
         args = args[:2] + args[4:]  # without --prompt
-    assert_one_error_line(*run(capsys, file, args + extra), needle)
+    assert_one_error_line(*run_without_loading(capsys, monkeypatch, file, args + extra), needle)
 
 
 @pytest.mark.parametrize("file", FILES)
@@ -447,28 +452,17 @@ def test_prompt_file_gives_the_prompts_answer(file, ckpt, media, capsys, tmp_pat
     assert_one_error_line(code, out, err, "latin1.txt is not UTF-8 text (byte 3)")
 
 
-def test_other_bad_inputs(ckpt, media, capsys, tmp_path):
+def test_other_bad_inputs(ckpt, media, capsys, tmp_path, monkeypatch):
     bad_uri = "data:image/png;base64,%%%not-base64%%%"
-    cases = [
-        ("qwen2_vl", ["--image", bad_uri], "the data URI's base64 payload does not decode"),
-        (
-            "paligemma",
-            ["--draw-boxes", tmp_path / "no" / "such" / "dir.png"],
-            "is not a directory this program",
-        ),
-        ("paligemma", ["--draw-boxes", tmp_path / "boxes.txt"], "end the name in an image extension"),
+    code, out, err = run(capsys, "qwen2_vl", base("qwen2_vl", ckpt, media) + ["--image", bad_uri])
+    assert_one_error_line(code, out, err, "the data URI's base64 payload does not decode")
+    cases = [  # found before loading
+        (tmp_path / "no" / "such" / "dir.png", "is not a directory this program can write to"),
+        (tmp_path / "boxes.txt", "end the name in an image extension"),
     ]
-    for file, extra, needle in cases:
-        args = base(file, ckpt, media) + extra
-        if file == "paligemma":  # found before loading
-            m = importlib.import_module(file)
-            real, m.load = m.load, lambda *a, **k: pytest.fail("loaded a checkpoint before checking")
-            try:
-                assert_one_error_line(*run(capsys, file, args), needle)
-            finally:
-                m.load = real
-        else:
-            assert_one_error_line(*run(capsys, file, args), needle)
+    for path, needle in cases:
+        args = base("paligemma", ckpt, media) + ["--draw-boxes", path]
+        assert_one_error_line(*run_without_loading(capsys, monkeypatch, "paligemma", args), needle)
 
 
 def test_an_internal_error_is_called_a_bug(capsys):
