@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -129,7 +130,7 @@ def read_prompt_file(path: str) -> str:
     than a command line takes (Linux: 128 KiB per argument)."""
     if path != "-" and not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
-    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -140,8 +141,8 @@ def read_prompt_file(path: str) -> str:
 
 def check(a: argparse.Namespace) -> argparse.Namespace:
     """The parsed flags, after everything the command line can check before downloading or loading a
-    checkpoint: sampling ranges, frame counts, the image size limit, that local media files exist, the
-    device."""
+    checkpoint: sampling ranges and the seed, the prompt (read from --prompt-file; UTF-8), frame counts, the
+    image size limit, that local media files exist, the device."""
     common.GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
     if a.prompt_file is not None:
         a.prompt = read_prompt_file(a.prompt_file)
