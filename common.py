@@ -21,6 +21,7 @@ between calls: settings arrive as arguments and results leave as return values.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -28,6 +29,8 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -265,6 +268,86 @@ def read_config(ckpt: Path, expected: str, this_file: str) -> dict:
     return config
 
 
+def checked_config(config_from_hf: Callable[[dict], object], raw: dict, path: Path):
+    """A model file's `config_from_hf(raw)`, checked where config.json enters: a missing field without a
+    default, or one whose type breaks the translation, is one ValueError naming the file, as are widths that
+    do not divide into their heads; then every field of the typed config against its annotation."""
+    for where, d in [("", raw)] + [(f"{k}.", v) for k, v in raw.items() if isinstance(v, dict)]:
+        width = d.get("hidden_size", d.get("embed_dim"))
+        heads, kv = d.get("num_attention_heads", d.get("num_heads")), d.get("num_key_value_heads")
+        if not all(isinstance(n, int) and n >= 1 for n in (width, heads)):
+            continue  # missing or mistyped: the translation or check_config names it
+        if "head_dim" not in d and width % heads:
+            w, h = (
+                ("hidden_size", "num_attention_heads") if "hidden_size" in d else ("embed_dim", "num_heads")
+            )
+            raise ValueError(f"{path}: {where}{w} = {width} does not divide by {h} = {heads}")
+        if isinstance(kv, int) and kv >= 1 and heads % kv:
+            raise ValueError(f"{path}: {where}num_attention_heads {heads} is not a multiple of {kv} kv heads")
+    try:
+        cfg = config_from_hf(raw)
+    except KeyError as e:
+        raise ValueError(f"{path}: the field {e.args[0]!r} is missing (it has no default)") from e
+    except (TypeError, AttributeError, AssertionError, ZeroDivisionError) as e:
+        bad = next(suspect_sizes(raw), None)  # the likely cause: a size that is not a whole number >= 1
+        what = f"{bad[0]} = {bad[1]!r}, expected a whole number >= 1" if bad else "a field of the wrong type"
+        raise ValueError(f"{path}: {what} ({e})") from e
+    check_config(cfg, path)
+    return cfg
+
+
+def suspect_sizes(d: dict, where: str = "") -> Iterator[tuple[str, object]]:
+    """(name, value) of every size or count in a config.json (nested too) that is not a whole number >= 1."""
+    for k, v in d.items() if isinstance(d, dict) else ():
+        if isinstance(v, dict):
+            yield from suspect_sizes(v, f"{where}{k}.")
+        elif re.search(r"(size|layers|heads|embeddings|dim|depth)$", k) and not isinstance(v, bool):
+            if not isinstance(v, int) or v < 1:
+                yield f"{where}{k}", v
+
+
+def all_finite(x) -> bool:
+    """Every number in a nested list or tuple is finite (strings pass)."""
+    if isinstance(x, (tuple, list)):
+        return all(all_finite(y) for y in x)
+    return isinstance(x, str) or (isinstance(x, (int, float)) and math.isfinite(x))
+
+
+def check_config(cfg, path: Path, where: str = "") -> None:
+    """Every field of a typed config (nested dataclasses too) against its annotation: whole numbers >= 1 for
+    sizes and counts (token ids >= 0; a feature layer may count from the end), finite positive numbers for
+    epsilons, thetas and ratios, booleans, strings; None only where the annotation allows it."""
+    hints = typing.get_type_hints(type(cfg), vars(sys.modules[type(cfg).__module__]))
+    for f in dataclasses.fields(cfg):
+        value, name, kind = getattr(cfg, f.name), where + f.name, hints[f.name]
+        if dataclasses.is_dataclass(value):
+            check_config(value, path, name + ".")
+            continue
+        union = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else ()
+        if value is None and type(None) in union:
+            continue
+        base = next((t for t in (bool, int, float, str) if kind is t or t in union), None)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if base is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif base is int:
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if name.endswith("_id"):
+                ok, expected = whole and value >= 0, "a token id (a whole number >= 0)"
+            elif name.endswith("feature_layer"):
+                ok, expected = whole, "a layer index (a whole number)"
+            else:
+                ok, expected = whole and value >= 1, "a whole number >= 1"
+        elif base is float:
+            ok, expected = number and math.isfinite(value) and value > 0, "a finite number > 0"
+        elif base is str:
+            ok, expected = isinstance(value, str), "a string"
+        else:  # tuples (image sizes, pinpoints, rope sections, layer types)
+            ok, expected = isinstance(value, (tuple, list)) and all_finite(value), "a list of numbers"
+        if not ok:
+            raise ValueError(f"{path}: {name} = {value!r}, expected {expected}")
+
+
 def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
     """Tensor name -> file, for one `model.safetensors` or shards listed in `model.safetensors.index.json`."""
     index = ckpt / "model.safetensors.index.json"
@@ -272,6 +355,9 @@ def read_safetensors_names(ckpt: Path) -> dict[str, Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index} has no weight_map of tensor names to shard files: download it again")
+        missing = sorted({f for f in weight_map.values() if not (ckpt / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names {', '.join(missing)}, not in {ckpt}: download it again")
         return {k: ckpt / f for k, f in weight_map.items()}
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:

@@ -809,7 +809,7 @@ def load(
     ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
     raw = common.read_config(ckpt, "paligemma", "paligemma.py")
-    cfg = config_from_hf(raw)
+    cfg = common.checked_config(config_from_hf, raw, ckpt / "config.json")
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):

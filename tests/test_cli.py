@@ -395,6 +395,10 @@ BROKEN_FILES = {
     ),
     "index without weight_map": (write("model.safetensors.index.json", "{}"), "has no weight_map"),
     "tensor in the wrong shard": (wrong_shard, "cannot be read from"),
+    "shard missing": (
+        lambda d: sorted(d.glob("*.safetensors"))[-1].unlink(),
+        "-of-00002.safetensors, not in",
+    ),
     "int8 weights": (
         lambda d: rewrite_tensor(d, lambda t: t.to(torch.int8)),
         "is int8, where the model takes float",
@@ -404,6 +408,63 @@ BROKEN_FILES = {
         "NaN/inf logits in float32: the checkpoint's weights hold NaN/inf",
     ),
 }
+
+
+def edit_config(change):
+    """config.json with `change(config, text_config)` applied (text_config: the nested one, or the root)."""
+
+    def edit(d):
+        config = json.loads((d / "config.json").read_text())
+        change(config, config.get("text_config", config))
+        (d / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+BAD_CONFIGS = {  # the same fields in all five files; what the error names
+    "layers as a string": (lambda c, t: t.update(num_hidden_layers="2"), "num_hidden_layers"),
+    "layers 2.5": (lambda c, t: t.update(num_hidden_layers=2.5), "num_hidden_layers"),
+    "heads 0": (lambda c, t: t.update(num_attention_heads=0), "num_attention_heads"),
+    "heads not dividing": (lambda c, t: t.update(num_attention_heads=3), "num_attention_heads"),
+    "max positions a string": (
+        lambda c, t: t.update(max_position_embeddings="4096"),
+        "max_position_embeddings = '4096', expected a whole number >= 1",
+    ),
+    "eps negative": (
+        lambda c, t: t.update(rms_norm_eps=-1e-6),
+        "rms_norm_eps = -1e-06, expected a finite number > 0",
+    ),
+    "vision config a list": (lambda c, t: c.update(vision_config=[1, 2]), "config.json"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=str)
+@pytest.mark.parametrize("file", FILES)
+def test_bad_config_values(file, case, ckpt, media, capsys, tmp_path):
+    change, needle = BAD_CONFIGS[case]
+    if (file, case) == ("paligemma", "heads not dividing"):  # its head_dim is given: a config of other shapes
+        needle = "do not fit the model built from its config.json"
+    broken = copy_with(ckpt[file], tmp_path / "broken", edit_config(change))
+    code, out, err = run(capsys, file, base(file, ckpt, media) + ["--model", broken])
+    assert_one_error_line(code, out, err, "config.json", needle)
+
+
+def test_model_specific_config_values(ckpt, media, capsys, tmp_path):
+    cases = [
+        ("qwen2_vl", lambda c, t: c.pop("vision_config"), "the field 'vision_config' is missing"),
+        (
+            "qwen2_vl",
+            lambda c, t: c.update(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 1]}),
+            "mrope",
+        ),
+        ("llava_onevision", lambda c, t: c.update(image_token_index=-3), "image_token_id = -3"),
+        ("paligemma", lambda c, t: c.update(projection_dim=100), "projector must output D"),
+        ("qwen2_vl", lambda c, t: c["vision_config"].update(hidden_size=32), "the merger must output"),
+    ]
+    for i, (file, change, needle) in enumerate(cases):
+        broken = copy_with(ckpt[file], tmp_path / f"broken{i}", edit_config(change))
+        code, out, err = run(capsys, file, base(file, ckpt, media) + ["--model", broken])
+        assert_one_error_line(code, out, err, "config.json", needle)
 
 
 @pytest.mark.parametrize("case", BROKEN_FILES, ids=str)
