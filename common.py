@@ -793,8 +793,8 @@ def generate_loop(
     runs decode step i and returns the next logits (B, V); prompt_ids/prompt_mask (B, T) feed the repetition
     penalty. Returns the new tokens (B, N), rows that finished early padded with pad_token_id, the stop
     reason and the first decode step's time.
-    The only host-device syncs are the streamer's (it needs the token) and an all-finished check every 8
-    steps."""
+    The only host-device syncs are the streamer's read of each token and, without a streamer, an
+    all-finished check every 8 steps."""
     B, V = first_logits.shape
     device, s = first_logits.device, settings
     if streamer is not None and (B != 1 or tokenizer is None):
@@ -818,14 +818,13 @@ def generate_loop(
         finished |= torch.isin(token, eos)
         if seen is not None:
             seen.scatter_(1, token[:, None], True)  # (B, V)
-        if push is not None:
+        if push is not None:  # the one read per step: the streamer needs the token (one row)
             t = int(token[0])
-            if t not in eos_token_ids:
-                streamed.append(t)
-                printed.append(push(t))
-                streamer(printed[-1])
-            if bool(finished[0]):
+            if t in eos_token_ids:
                 break
+            streamed.append(t)
+            printed.append(push(t))
+            streamer(printed[-1])
         elif i % 8 == 7 and bool(finished.all()):
             break
         if i + 1 < s.max_new_tokens:
