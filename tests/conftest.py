@@ -31,3 +31,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory):
+    """file -> its tiny checkpoint in the published (Hub) layout, built once per test session."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = {}
+
+    def get(file: str):
+        if file not in cache:
+            cache[file] = getattr(tiny, f"build_{file}")(root / file)["hub"]
+        return cache[file]
+
+    return get

@@ -37,14 +37,13 @@ class CountSyncs(TorchDispatchMode):
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("devices")
+def loaded(hub_checkpoint):
     cache = {}
 
     def get(file):
         if file not in cache:
             m = importlib.import_module(file)
-            model, proc = m.load(getattr(tiny, f"build_{file}")(root / file)["hub"], device="cpu")
+            model, proc = m.load(hub_checkpoint(file), device="cpu")
             text = "caption en" if file == "paligemma" else f"{PLACEHOLDER.get(file, '<image>')} hi"
             cache[file] = model, proc, proc(text=[text], images=[tiny.synthetic_image(60, 80)])
         return cache[file]

@@ -18,19 +18,6 @@ MODES = common.QUANTIZE_MODES
 PLACEHOLDER = {"qwen2_vl": "<|image_pad|>", "perception_lm": "<|image|>"}  # the others: <image>
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quantize")
-    cache = {}
-
-    def get(file):
-        if file not in cache:
-            cache[file] = getattr(tiny, f"build_{file}")(root / file)["hub"]
-        return cache[file]
-
-    return get
-
-
 def one_image_inputs(file, proc, seed=0) -> dict:
     text = "caption en" if file == "paligemma" else f"{PLACEHOLDER.get(file, '<image>')} what is it?"
     return proc(text=[text], images=[tiny.synthetic_image(60, 80, seed=seed)])
@@ -118,11 +105,11 @@ def fake_quantized(model, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("file", FILES)
-def test_quantized_model_is_the_dequantized_model(file, mode, ckpt):
+def test_quantized_model_is_the_dequantized_model(file, mode, hub_checkpoint):
     """float32 activations (the CPU kernels take them): the kernels' model equals the readable one."""
     m = importlib.import_module(file)
-    model, proc = m.load(ckpt(file), dtype="float32", quantize=mode)
-    reference = fake_quantized(m.load(ckpt(file))[0], mode)
+    model, proc = m.load(hub_checkpoint(file), dtype="float32", quantize=mode)
+    reference = fake_quantized(m.load(hub_checkpoint(file))[0], mode)
     inputs = one_image_inputs(file, proc)
     with torch.no_grad():
         assert tiny.max_diff(model(**inputs), reference(**inputs)) <= 1e-4
@@ -147,10 +134,10 @@ MAX_ERROR = {"int8": 0.06, "int4": 0.6}
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("file", FILES)
-def test_logits_stay_near_and_the_image_still_matters(file, mode, ckpt):
+def test_logits_stay_near_and_the_image_still_matters(file, mode, hub_checkpoint):
     m = importlib.import_module(file)
-    f32, proc = m.load(ckpt(file))
-    model, _ = m.load(ckpt(file), quantize=mode)
+    f32, proc = m.load(hub_checkpoint(file))
+    model, _ = m.load(hub_checkpoint(file), quantize=mode)
     assert next(model.parameters()).dtype == torch.bfloat16  # the default with quantized weights
     inputs = [one_image_inputs(file, proc, seed) for seed in range(3)]
     want, got = last_logits(f32, inputs), last_logits(model, inputs)
@@ -164,18 +151,18 @@ def test_logits_stay_near_and_the_image_still_matters(file, mode, ckpt):
 
 
 @pytest.mark.parametrize("file", FILES)
-def test_only_the_decoder_is_quantized(file, ckpt):
+def test_only_the_decoder_is_quantized(file, hub_checkpoint):
     """The vision tower, projector and embeddings are the unquantized model's, bit for bit; the decoder's
     linear bytes fall to about 0.5x (int8) and 0.3x (int4) of bf16."""
     m = importlib.import_module(file)
-    plain, _ = m.load(ckpt(file), dtype="bfloat16")
+    plain, _ = m.load(hub_checkpoint(file), dtype="bfloat16")
     kept = {n: t for n, t in plain.state_dict().items() if n.split(".")[0] not in plain.quantized_parts}
     kept |= {n: t for n, t in plain.state_dict().items() if "embed_tokens" in n or "norm" in n}
     decoder = {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
     decoder = {n: m for n, m in decoder.items() if n.split(".")[0] in plain.quantized_parts}
     bf16_bytes = sum(2 * m.weight.numel() for m in decoder.values())
     for mode, most in (("int8", 0.55), ("int4", 0.35)):
-        model, _ = m.load(ckpt(file), quantize=mode)
+        model, _ = m.load(hub_checkpoint(file), quantize=mode)
         state = model.state_dict()
         for n, t in kept.items():
             assert torch.equal(state[n], t), n
@@ -187,20 +174,20 @@ def test_only_the_decoder_is_quantized(file, ckpt):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_batch_equals_one_by_one(mode, ckpt):
+def test_batch_equals_one_by_one(mode, hub_checkpoint):
     m = importlib.import_module("qwen2_vl")
-    model, proc = m.load(ckpt("qwen2_vl"), quantize=mode)
+    model, proc = m.load(hub_checkpoint("qwen2_vl"), quantize=mode)
     image = tiny.synthetic_image(60, 80)
     rows = [("<|image_pad|> hi", [image], []), ("<|image_pad|> a much longer prompt than that", [image], [])]
     tiny.assert_batch_equals_one_by_one(model, proc, rows)
 
 
 @pytest.mark.parametrize("file, mode", [("qwen2_vl", "int4"), ("paligemma", "int8")])
-def test_compiled_equals_eager(file, mode, ckpt):
+def test_compiled_equals_eager(file, mode, hub_checkpoint):
     """In float32 activations, as the unquantized compile test: in bfloat16 the compiled step rounds
     differently (it fuses), and a random tiny model's near-ties then flip either way."""
     m = importlib.import_module(file)
-    model, proc = m.load(ckpt(file), dtype="float32", quantize=mode)
+    model, proc = m.load(hub_checkpoint(file), dtype="float32", quantize=mode)
     inputs = one_image_inputs(file, proc)
     eager = model.generate(**inputs, max_new_tokens=12, eos_token_ids=[])
     assert torch.equal(eager, model.generate(**inputs, max_new_tokens=12, eos_token_ids=[], compile=True))
@@ -210,16 +197,23 @@ def test_compiled_equals_eager(file, mode, ckpt):
 # The command line
 
 
-def test_cli_quantized_run(ckpt, tmp_path):
+def test_cli_quantized_run(hub_checkpoint, tmp_path):
     from PIL import Image
 
     Image.fromarray(tiny.synthetic_image(60, 80)).save(tmp_path / "photo.png")
-    args = ["--model", str(ckpt("qwen2_vl")), "--image", str(tmp_path / "photo.png"), "--prompt", "What?"]
+    args = [
+        "--model",
+        str(hub_checkpoint("qwen2_vl")),
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--prompt",
+        "What?",
+    ]
     out, summary = tiny.run_cli("qwen2_vl.py", *args, "--quantize", "int4", "--max-new-tokens", "4")
     assert summary["quantize"] == "int4" and summary["dtype"] == "torch.bfloat16" and out.strip()
 
 
-def test_cli_int4_on_a_width_without_a_group(ckpt, tmp_path, capsys):
+def test_cli_int4_on_a_width_without_a_group(hub_checkpoint, tmp_path, capsys):
     """A decoder whose MLP is 80 wide: int4 has no group size for its down projection (80 inputs)."""
     import json
     import shutil
@@ -227,7 +221,7 @@ def test_cli_int4_on_a_width_without_a_group(ckpt, tmp_path, capsys):
     import cli
 
     odd = tmp_path / "odd"
-    shutil.copytree(ckpt("qwen2_vl"), odd)
+    shutil.copytree(hub_checkpoint("qwen2_vl"), odd)
     config = json.loads((odd / "config.json").read_text())
     config["intermediate_size"] = 80
     (odd / "config.json").write_text(json.dumps(config))
@@ -258,18 +252,18 @@ def test_cli_int4_on_a_width_without_a_group(ckpt, tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("file", FILES)
-def test_cuda_quantized(file, mode, ckpt):
+def test_cuda_quantized(file, mode, hub_checkpoint):
     """Logits as near the fp32 model as on the CPU, and eager and compiled greedy tokens that the same
     quantized weights in float32 on the CPU rank at the top (tiny.greedy_shortfall, as for plain bf16)."""
     m = importlib.import_module(file)
-    f32, proc = m.load(ckpt(file), device="cpu")
-    model, _ = m.load(ckpt(file), device="cuda", quantize=mode)
+    f32, proc = m.load(hub_checkpoint(file), device="cpu")
+    model, _ = m.load(hub_checkpoint(file), device="cuda", quantize=mode)
     assert all(q.packed_for == "cuda" for q in quantized_layers(model).values())
     inputs = [one_image_inputs(file, proc, seed) for seed in range(3)]
     on_gpu = [{k: v.cuda() for k, v in x.items()} for x in inputs]
     want, got = last_logits(f32, inputs), [g.cpu() for g in last_logits(model, on_gpu)]
     assert max(relative(g, w) for g, w in zip(got, want)) <= MAX_ERROR[mode]
-    reference, _ = m.load(ckpt(file), device="cpu", dtype="float32", quantize=mode)
+    reference, _ = m.load(hub_checkpoint(file), device="cpu", dtype="float32", quantize=mode)
     new_type = {"token_type_ids": 1} if file == "paligemma" else None
     for compile in (False, True):
         out = model.generate(**on_gpu[0], max_new_tokens=8, eos_token_ids=[], compile=compile).cpu()
