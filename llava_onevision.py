@@ -631,7 +631,7 @@ class LlavaOnevision(nn.Module):
     def image_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
         """Per image (tokens, D): anyres packing for an image alone in its row, else its one square tile
         (729 features) and a newline. All tiles of all images go through the tower in one batch."""
-        sizes = image_sizes.tolist()
+        sizes = image_sizes.tolist()  # NOTE: index metadata, read on the host: tiles are laid out in Python
         counts = [1] * len(sizes) if batch_num_images is None else batch_num_images.tolist()
         several = [n > 1 for n in counts for _ in range(n)]
         n_tiles = [
