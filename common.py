@@ -273,14 +273,14 @@ def checked_config(config_from_hf: Callable[[dict], object], raw: dict, path: Pa
     default, or one whose type breaks the translation, is one ValueError naming the file, as are widths that
     do not divide into their heads; then every field of the typed config against its annotation."""
     for where, d in [("", raw)] + [(f"{k}.", v) for k, v in raw.items() if isinstance(v, dict)]:
-        width = d.get("hidden_size", d.get("embed_dim"))
-        heads, kv = d.get("num_attention_heads", d.get("num_heads")), d.get("num_key_value_heads")
+        # NOTE: Qwen2-VL's vision_config has both widths: embed_dim is its attention's, hidden_size the
+        # merger's output (the decoder's width), which need not divide by the vision heads.
+        w = "embed_dim" if "embed_dim" in d else "hidden_size"
+        h = "num_heads" if "num_heads" in d else "num_attention_heads"
+        width, heads, kv = d.get(w), d.get(h), d.get("num_key_value_heads")
         if not all(isinstance(n, int) and n >= 1 for n in (width, heads)):
             continue  # missing or mistyped: the translation or check_config names it
         if "head_dim" not in d and width % heads:
-            w, h = (
-                ("hidden_size", "num_attention_heads") if "hidden_size" in d else ("embed_dim", "num_heads")
-            )
             raise ValueError(f"{path}: {where}{w} = {width} does not divide by {h} = {heads}")
         if isinstance(kv, int) and kv >= 1 and heads % kv:
             raise ValueError(f"{path}: {where}num_attention_heads {heads} is not a multiple of {kv} kv heads")

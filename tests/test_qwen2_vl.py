@@ -1,5 +1,6 @@
 """Qwen2-VL against transformers 5.23 on tiny random checkpoints (fp32, CPU)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,18 @@ def test_real_config_shapes(name):
         Qwen2VLConfig,
     )
     tiny.assert_same_parameters(mine, theirs, qwen2_vl.rename)
+
+
+def test_vision_heads_divide_embed_dim_not_hidden_size(tmp_path):
+    """vision_config.hidden_size is the merger's output (the decoder's width), so the vision heads need not
+    divide it (bench.py's "small" configuration: 640 and 6 heads); its attention width, embed_dim, must."""
+    raw = json.loads((DATA / "Qwen2-VL-2B-Instruct.config.json").read_text())
+    raw["vision_config"]["num_heads"] = 20  # 1280 / 20 = 64, while 1536 / 20 is not whole
+    cfg = common.checked_config(qwen2_vl.config_from_hf, raw, tmp_path / "config.json")
+    assert cfg.vision_config.num_heads == 20
+    raw["vision_config"]["num_heads"] = 24
+    with pytest.raises(ValueError, match="vision_config.embed_dim = 1280 does not divide by num_heads = 24"):
+        common.checked_config(qwen2_vl.config_from_hf, raw, tmp_path / "config.json")
 
 
 # ---------------------------------------------------------------------------------------------------------
