@@ -4,6 +4,7 @@
     python bench.py --model paligemma2 --size tiny --device cuda --dtype bfloat16
     python bench.py --model qwen2_vl --size real-config --device cuda      # Qwen2-VL-2B's shapes, bf16
     python bench.py --model qwen2_vl --size real-config --device cuda --compile
+    python bench.py --all --device cuda     # all six, eager / compiled / int8 / int4: one Markdown table
 
 --model: qwen2_vl, paligemma (PaliGemma 1), paligemma2, llava_onevision, video_llava or perception_lm.
 
@@ -169,21 +170,31 @@ def real_config_checkpoint(model: str, tiny_dir: Path, hf_class, device, dtype) 
     return out
 
 
+CHECKPOINTS: dict[tuple, Path] = {}  # one per model, size, device and dtype: bench_all's runs share them
+
+
 def checkpoint(a, build, hf_class, device, dtype) -> Path:
     """The directory both implementations load: a tests/tiny.py build at --size, or a real-config one."""
-    size = "tiny" if a.size == "real-config" else a.size
-    ckpt = build(Path(tempfile.mkdtemp()), size)["hf5"]
-    return real_config_checkpoint(a.model, ckpt, hf_class, device, dtype) if a.size == "real-config" else ckpt
+    key = (a.model, a.size, str(device), dtype)
+    if key not in CHECKPOINTS:
+        size = "tiny" if a.size == "real-config" else a.size
+        ckpt = build(Path(tempfile.mkdtemp()), size)["hf5"]
+        if a.size == "real-config":
+            ckpt = real_config_checkpoint(a.model, ckpt, hf_class, device, dtype)
+        CHECKPOINTS[key] = ckpt
+    return CHECKPOINTS[key]
 
 
 def load_pair(a, module, hf_class, ckpt, device, dtype, impl="sdpa"):
     """Our model and processor, and transformers' model and processor, from one checkpoint directory.
     With --quantize: ours quantized, ours unquantized kept for the side-by-side (BENCHED["unquantized"]),
     and transformers with torchao's int8 weight-only quantization of the same layers (the decoder's linear
-    layers and the output layer), when torchao is installed."""
+    layers and the output layer), when torchao is installed. With a.ours_alone: ours only (None, None)."""
     from transformers import AutoProcessor
 
     ours, proc = module.load(ckpt, device=device, dtype=dtype, quantize=a.quantize)
+    if a.ours_alone:  # bench_all's quantized runs: ours bf16 and transformers are timed in its other runs
+        return ours, proc, None, None
     extra = {}
     if a.quantize:
         BENCHED["unquantized"] = module.load(ckpt, device=device, dtype=dtype)[0]
@@ -275,8 +286,8 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
         }
 
     ids = inputs["input_ids"]
-    BENCHED.update(model=ours, prompt_tokens=ids.shape[1])
     n_visual = sum(int((ids == getattr(proc, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
+    BENCHED.update(model=ours, prompt_tokens=ids.shape[1], prompt=f"{ids.shape[1]} ({n_visual})")
     n_parameters = sum(p.numel() for p in BENCHED.get("unquantized", ours).parameters())
     print(
         f"{a.model} {a.size}: {n_parameters / 1e6:.1f}M parameters, {device}, "
@@ -294,7 +305,9 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
             **calls(hf),
         },
     }
-    if a.quantize:  # the same model unquantized: the vision side is shared, so only the generation is timed
+    if ref is None:
+        del runs["transformers"]
+    if "unquantized" in BENCHED:  # the same model unquantized: the vision side is shared: generation only
         plain = BENCHED["unquantized"]
         runs["ours unquantized"] = calls(lambda data, n: mine(data, n, plain))
     return runs
@@ -410,22 +423,24 @@ def bench_perception_lm(a, device, dtype):
 
 BENCHES = {
     "qwen2_vl": bench_qwen2_vl,
+    "paligemma": bench_paligemma,
+    "paligemma2": bench_paligemma,
     "llava_onevision": bench_llava_onevision,
     "video_llava": bench_video_llava,
     "perception_lm": bench_perception_lm,
-    "paligemma": bench_paligemma,
-    "paligemma2": bench_paligemma,
 }
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2_vl", choices=sorted(BENCHES))
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "real-config"])
+    ap.add_argument(
+        "--size", choices=["tiny", "small", "real-config"], help="default small; real-config with --all"
+    )
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, help="timed runs, median taken (default 5; 3 with --all)")
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--compile", action="store_true", help="ours compiled vs transformers static + compile")
@@ -435,14 +450,42 @@ def main():
         help="ours quantized, against ours unquantized and transformers + torchao int8 (default dtype: bf16)",
     )
     ap.add_argument("--memory", action="store_true", help="print the parameter memory table and stop")
-    a = ap.parse_args()
-    if a.memory:
-        print(memory_table())
-        return
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help="every model: eager, compiled, int8 and int4 in bf16, one Markdown table (see bench_all)",
+    )
+    ap.add_argument("--models", help="with --all: a comma-separated subset of the models")
+    ap.add_argument("--settings", help="with --all: a comma-separated subset of eager,compiled,int8,int4")
+    ap.add_argument("--out", help="with --all: the table's file (default bench-all-DEVICE.md)")
+    a = ap.parse_args(argv)
     if a.batch < 2 or a.new_tokens < 2:
         ap.error("--batch and --new-tokens must be at least 2 (batch 1 is always measured)")
+    for flag, value, known in (("--models", a.models, BENCHES), ("--settings", a.settings, SETTINGS)):
+        unknown = set((value or "").split(",")) - set(known) - {""}
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    a.size = a.size or ("real-config" if a.all else "small")
+    a.repeats, a.ours_alone = a.repeats or (3 if a.all else 5), False
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.memory:
+        print(memory_table())
+    elif a.all:
+        bench_all(a)
+    else:
+        run(a)
+
+
+def run(a: argparse.Namespace) -> dict:
+    """One model, one setting: prints the side-by-side table and the roofline, and returns
+    {"results": {run name: {figure: value}}, "roofline": {run name: share of the GEMV roofline}}."""
+    BENCHED.clear()
     device = common.pick_device(a.device)
     measure_memory = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
     if device.type == "cpu" and measure_memory:
@@ -501,7 +544,129 @@ def main():
         + ": "
         + ", ".join(f"{n} {t:.1f}" for n, t in warmup.items())
     )
-    roofline(BENCHED["prompt_tokens"], results, a, device)
+    shares = roofline(BENCHED["prompt_tokens"], results, a, device)
+    return {"results": results, "roofline": shares}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every model in every setting (python bench.py --all): one table
+
+
+SETTINGS = {  # name -> (compile, quantize)
+    "eager": (False, None),
+    "compiled": (True, None),
+    "int8": (True, "int8"),
+    "int4": (True, "int4"),
+}
+
+
+def bench_all(a: argparse.Namespace) -> str:
+    """Each model (or --models) at --size (default real-config) in bf16 (or --dtype), in the four SETTINGS
+    (or --settings): eager and compiled against transformers eager and transformers static cache + compiled
+    forward; int8 and int4 (compiled) as ours alone, against ours compiled bf16 and transformers compiled from
+    the "compiled" run. One row per model and setting; a run that fails gets its error in its row, and the
+    rest go on. The table is written to --out after every row (so a run cut short leaves the rows it
+    finished) and printed at the end. --repeats defaults to 3 here (5 for one run)."""
+    device = common.pick_device(a.device)
+    out = Path(a.out or f"bench-all-{device.type}.md")
+    models = a.models.split(",") if a.models else list(BENCHES)
+    settings = a.settings.split(",") if a.settings else list(SETTINGS)
+    head = [
+        f"`python bench.py {' '.join(sys.argv[1:])}`: {device_name(device)}, torch {torch.__version__}, "
+        f"transformers {transformers_version()}, {a.dtype or 'bfloat16'}, --size {a.size}, "
+        f"{a.new_tokens} new tokens, median of {a.repeats}, batch {a.batch} for the batched column. "
+        "Cells: ours / transformers (ours/transformers); int8 and int4 rows: ours quantized / transformers "
+        "compiled bf16, and their last column ours quantized / ours compiled bf16.",
+        "",
+        *table_head(a.batch),
+    ]
+    rows: list[str] = []
+    for model in models:
+        done: dict[str, dict] = {}
+        for setting in settings:
+            compile, quantize = SETTINGS[setting]
+            b = argparse.Namespace(**{**vars(a), "model": model, "compile": compile, "quantize": quantize})
+            b.dtype, b.ours_alone = a.dtype or "bfloat16", quantize is not None
+            t0 = time.perf_counter()
+            try:
+                done[setting] = run(b) | {"prompt": BENCHED["prompt"]}
+                rows.append(table_row(model, setting, done, a.batch))
+            except Exception as e:  # one failure must not cost the other runs' figures
+                print(f"{model} {setting} failed: {type(e).__name__}: {e}")
+                message = re.sub(r"\s+", " ", f"{type(e).__name__}: {e}")[:120].replace("|", "/")
+                rows.append(f"| {model} | {setting} | failed: {message} |||||||")
+            print(f"{model} {setting}: {time.perf_counter() - t0:.0f} s")
+            release(device)
+            out.write_text("\n".join(head + rows) + "\n")
+        for path in [p for k, p in CHECKPOINTS.items() if k[0] == model]:
+            shutil.rmtree(path.parent, ignore_errors=True)
+    table = "\n".join(head + rows)
+    print(table)
+    print(f"written to {out}")
+    return table
+
+
+def table_head(batch: int) -> list[str]:
+    """The column names and the separator line of bench_all's table (the README shows the same)."""
+    return [
+        f"| model | setting | prompt (visual) | decode tok/s, batch 1 | decode tok/s, batch {batch} "
+        "| time to first token | working memory | share of GEMV roofline, batch 1 | vs ours bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def release(device) -> None:
+    """Frees what a run left: its models, compiled graphs (and their CUDA graph memory), cached blocks."""
+    import gc
+
+    BENCHED.clear()
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def table_row(model: str, setting: str, done: dict, batch: int) -> str:
+    """One Markdown row of bench_all's table, from run()'s figures (done[setting]); the int8/int4 rows take
+    transformers' figures from the compiled run and compare with ours compiled bf16 too."""
+    r, quantized = done[setting], setting in ("int8", "int4")
+    peer = done.get("compiled", {}) if quantized else r  # the run transformers' figures come from
+    ours, theirs = r["results"]["ours"], peer.get("results", {}).get("transformers", {})
+
+    def cell(key: str, scale: float = 1.0, unit: str = "", digits: int = 1, faster_is_higher=True) -> str:
+        mine, other = ours[key] * scale, theirs.get(key)
+        if other is None:
+            return f"{mine:.{digits}f}{unit}"
+        other *= scale
+        ratio = "-" if other == 0 else f"{mine / other:.2f}" + ("x" if faster_is_higher else "")
+        return f"{mine:.{digits}f} / {other:.{digits}f}{unit} ({ratio})"
+
+    shares = [r["roofline"]["ours"]] + ([] if quantized else [r["roofline"].get("transformers")])
+    roof = " / ".join(f"{v:.0%}" for v in shares if v is not None)
+    versus = "-"
+    if quantized and "compiled" in done:
+        plain = done["compiled"]["results"]["ours"]
+        versus = f"{ours['decode_tok_s_b1'] / plain['decode_tok_s_b1']:.2f}x"
+    memory = "-"
+    if "work_mem_mb" in ours:
+        memory = cell("work_mem_mb", unit=" MiB", digits=1, faster_is_higher=False)
+    return (
+        f"| {model} | {setting} | {r['prompt']} | {cell('decode_tok_s_b1')} | "
+        f"{cell(f'decode_tok_s_b{batch}', digits=0)} | "
+        f"{cell('ttft_s', 1e3, ' ms', 0, False)} | {memory} | {roof} | {versus} |"
+    )
 
 
 VISION_PARTS = ("visual.", "vision_tower.", "image_tower.", "video_tower.", "multi_modal_projector.")
@@ -568,9 +733,9 @@ def decode_floor(model, prompt_tokens: int, new_tokens: int, device) -> float:
     return min(timed(step, device)[0] for _ in range(10))
 
 
-def roofline(prompt_tokens: int, results, a, device) -> None:
-    """Each run's batch-1 decode rate against the bytes its step reads: as a share of the GEMV bandwidth,
-    and of the floor (the same reads run bare)."""
+def roofline(prompt_tokens: int, results, a, device) -> dict[str, float]:
+    """Each run's batch-1 decode rate against the bytes its step reads: as a share of the GEMV bandwidth
+    (returned, by run name), and of the floor (the same reads run bare)."""
     ours = BENCHED["model"]
     models = {"ours": ours, "ours unquantized": BENCHED.get("unquantized")}
     # transformers reads what ours reads; with --quantize, what ours int8 reads (torchao int8) or, without
@@ -598,10 +763,11 @@ def roofline(prompt_tokens: int, results, a, device) -> None:
                 f"({n[k] / floor / 1e9:.1f} GB/s) -> {rate * floor:.0%} of that floor"
                 + (
                     f"; transformers {results['transformers']['decode_tok_s_b1'] * floor:.0%}"
-                    if k == "ours" and models["transformers"] is ours
+                    if k == "ours" and models["transformers"] is ours and "transformers" in results
                     else ""
                 )
             )
+    return {k: results[k]["decode_tok_s_b1"] * n[k] / bw for k in n}
 
 
 # ----------------------------------------------------------------------------------------------------------

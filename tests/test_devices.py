@@ -73,23 +73,23 @@ class Simulated(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs, name = dict(kwargs or {}), func.__name__
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        on_device = [t for t in tensors if isinstance(t, OnDevice)]
+        held = [t for t in tensors if isinstance(t, OnDevice)]
         on_cpu = [t for t in tensors if not isinstance(t, OnDevice) and t.dim() > 0]
         copy = name.startswith(("_to_copy", "copy_", "to."))  # moving between devices is what a copy is for
-        if on_device and on_cpu and not copy:
+        if held and on_cpu and not copy:
             shapes = ", ".join(str(tuple(t.shape)) for t in on_cpu)
             raise RuntimeError(f"{func}: tensors {shapes} made on the CPU meet tensors on the device")
         asked = kwargs.get("device")
         if asked is not None:
             kwargs["device"] = torch.device("cpu")
-        to_device = torch.device(asked).type == DEVICE.type if asked is not None else bool(on_device)
-        if on_device and (name.startswith(READS) or (copy and not to_device)):
+        to_device = torch.device(asked).type == DEVICE.type if asked is not None else bool(held)
+        if held and (name.startswith(READS) or (copy and not to_device)):
             self.syncs.append(name)
         args, kwargs = tree_map(lambda t: t.values if isinstance(t, OnDevice) else t, (args, kwargs))
         out = func(*args, **kwargs)
         if not to_device:
             return out
-        mine = {id(t.values): t for t in on_device}  # an in-place operation returns its own input
+        mine = {id(t.values): t for t in held}  # an in-place operation returns its own input
 
         def wrap(t):
             return (mine[id(t)] if id(t) in mine else OnDevice(t)) if isinstance(t, torch.Tensor) else t

@@ -1,0 +1,41 @@
+"""bench.py --all, the command a GPU run uses, run here on the CPU at the tiny size so that it cannot rot."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_all_on_the_cpu(tmp_path):
+    """Every model in every setting gives a row of figures, in the format the README shows."""
+    out = tmp_path / "all.md"
+    command = ["bench.py", "--all", "--device", "cpu", "--size", "tiny", "--out", str(out)]
+    command += ["--new-tokens", "3", "--repeats", "1", "--batch", "2"]  # the fewest that still time decoding
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    assert table.strip() in done.stdout
+    lines = table.splitlines()
+    head = bench.table_head(2)
+    start = lines.index(head[0])
+    assert lines[start + 1] == head[1]
+    assert "failed" not in table, [line for line in lines if "failed" in line]
+    rows = [line.split(" | ") for line in lines[start + 2 :]]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [(m, s) for m in bench.BENCHES for s in bench.SETTINGS]
+    number = r"[\d.]+"
+    for r in rows:  # ours / transformers (ratio), or ours alone where transformers cannot run (PaliGemma 2,
+        # compiled: a transformers 5.23 bug, see README)
+        assert re.fullmatch(rf"{number}( / {number} \({number}x\))?", r[3]), r  # tok/s, batch 1
+        assert re.fullmatch(rf"{number}( / {number})? ms( \({number}\))?", r[5]), r  # time to first token
+        assert (r[8].strip(" |") == "-") == (r[1] in ("eager", "compiled")), r  # quantized: vs ours bf16
+    assert all(" / " in r[3] for r in rows if r[0] != "| paligemma2"), "transformers ran for the others"
+
+
+def test_readme_shows_the_bench_all_table_format():
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(bench.table_head(8)) in readme
+    assert "python bench.py --all --device cuda" in readme
