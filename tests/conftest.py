@@ -35,13 +35,17 @@ def tiny_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hub_checkpoint(tmp_path_factory):
-    """file -> its tiny checkpoint in the published (Hub) layout, built once per test session."""
+    """file (or "paligemma2": paligemma.py's PaliGemma 2) -> its tiny checkpoint in the published (Hub)
+    layout, built once per test session."""
     root = tmp_path_factory.mktemp("hub")
     cache = {}
 
-    def get(file: str):
-        if file not in cache:
-            cache[file] = getattr(tiny, f"build_{file}")(root / file)["hub"]
-        return cache[file]
+    def get(name: str):
+        if name not in cache:
+            if name == "paligemma2":
+                cache[name] = tiny.build_paligemma(root / name, version=2)["hub"]
+            else:
+                cache[name] = getattr(tiny, f"build_{name}")(root / name)["hub"]
+        return cache[name]
 
     return get

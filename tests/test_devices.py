@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 FILES = ["qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm"]
+CONFIGS = [*FILES, "paligemma2"]  # PaliGemma 2: paligemma.py with Gemma 2's sliding-window layers
 PLACEHOLDER = {"qwen2_vl": "<|image_pad|>", "perception_lm": "<|image|>"}  # the others: <image>
 DEVICE = torch.device("meta")
 READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
@@ -135,27 +136,28 @@ def values(t: torch.Tensor) -> torch.Tensor:
     return t.values
 
 
-def prompts(file: str, proc, n: int) -> dict:
+def prompts(name: str, proc, n: int) -> dict:
     """The processor's output for n prompts with an image each (n = 2: different lengths, left padded)."""
-    text = "caption en" if file == "paligemma" else f"{PLACEHOLDER.get(file, '<image>')} hi"
+    text = "caption en" if name.startswith("paligemma") else f"{PLACEHOLDER.get(name, '<image>')} hi"
     texts, images = [text, text + " there"][:n], [tiny.synthetic_image(60, 80), tiny.synthetic_image(50, 40)]
     return proc(text=texts, images=images[:n], padding_side="left")
 
 
 @pytest.fixture(scope="module")
 def loaded(hub_checkpoint):
-    """file -> (model, processor), loaded once per module."""
+    """name (a file or "paligemma2") -> (model, processor), loaded once per module."""
     cache = {}
 
-    def get(file):
-        if file not in cache:
-            cache[file] = importlib.import_module(file).load(hub_checkpoint(file), device="cpu")
-        return cache[file]
+    def get(name):
+        if name not in cache:
+            module = importlib.import_module("paligemma" if name == "paligemma2" else name)
+            cache[name] = module.load(hub_checkpoint(name), device="cpu")
+        return cache[name]
 
     return get
 
 
-@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("file", CONFIGS)
 def test_forward_and_generation_run_on_the_device(file, loaded):
     """The full forward pass, greedy and sampled generation of a batch of two (vision, prefill, decode steps
     with their caches, masks, positions, the sampler) and streaming one prompt: no tensor made on the CPU
@@ -183,6 +185,27 @@ def test_forward_and_generation_run_on_the_device(file, loaded):
     assert text == expected_text and text
 
 
+VIDEO_PLACEHOLDER = {"qwen2_vl": "<|video_pad|>", "perception_lm": "<|video|>"}  # the others: <video>
+
+
+@pytest.mark.parametrize("file", [f for f in FILES if f != "paligemma"])
+def test_video_runs_on_the_device(file, loaded):
+    """A batch of a video prompt and an image prompt: the video tower's path (frames, their positions, pooling
+    or merging) on the device too, with the CPU's tokens."""
+    model, proc = loaded(file)
+    image, video = PLACEHOLDER.get(file, "<image>"), VIDEO_PLACEHOLDER.get(file, "<video>")
+    inputs = proc(
+        text=[f"{video} what happens?", f"{image} hi"],
+        images=[tiny.synthetic_image(60, 80)],
+        videos=[tiny.synthetic_video(8, 64, 96, seed=3)],
+        padding_side="left",
+    )
+    expected = model.generate(**inputs, max_new_tokens=6, eos_token_ids=[])
+    with simulated(model):
+        got = model.generate(**on_device(inputs), max_new_tokens=6, eos_token_ids=[])
+    assert torch.equal(values(got), expected)
+
+
 def decode_step_without_devices(model, monkeypatch):
     """The model's decode_step with every `torch.arange` in it made on the CPU, as `torch.arange(n)` is."""
     real_step, real_arange = model.decode_step, torch.arange
@@ -197,7 +220,7 @@ def decode_step_without_devices(model, monkeypatch):
     return step
 
 
-@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("file", CONFIGS)
 def test_a_tensor_made_on_the_cpu_in_the_decoder_is_refused(file, loaded, monkeypatch):
     """The check of the check: decode_step with `torch.arange(...)` made without a device fails here, as it
     would on a GPU (and runs on the CPU alone, where nothing is wrong)."""
@@ -208,7 +231,7 @@ def test_a_tensor_made_on_the_cpu_in_the_decoder_is_refused(file, loaded, monkey
         model.generate(**on_device(prompts(file, proc, 1)), max_new_tokens=3, eos_token_ids=[])
 
 
-@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("file", CONFIGS)
 def test_decode_step_never_syncs(file, loaded, monkeypatch):
     model, proc = loaded(file)
     per_step, real = [], model.decode_step
@@ -231,7 +254,7 @@ def syncs_of(model, inputs, n, **kwargs) -> list[str]:
     return mode.syncs
 
 
-@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("file", CONFIGS)
 def test_decode_loop_syncs_once_per_8_steps_or_per_streamed_token(file, loaded):
     """Eight more steps cost one sync without a streamer (the check that every row has finished, so that
     generation can stop early) and eight with one (the token it prints, one read each)."""
