@@ -419,9 +419,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """(N, 1176) patch rows + (n_media, 3) grids -> (N / 4, D) merged tokens, media after media."""
-        # NOTE: the grids are index metadata, read on the host once per call (on a GPU, one copy to the CPU):
-        # the segments and the rope angles below are laid out in Python from them, not on the device.
-        grids = grid_thw.tolist()
+        grids = grid_thw.tolist()  # NOTE: index metadata, read on the host: the layout is built in Python
         assert pixels.shape[0] == sum(t * h * w for t, h, w in grids), "one row of pixel_values per patch"
         starts = itertools.accumulate((t * h * w for t, h, w in grids), initial=0)
         runs = [(start, t, h * w) for start, (t, h, w) in zip(starts, grids)]  # (first row, segments, length)
@@ -603,8 +601,7 @@ def get_rope_index(
     max(gh, gw).
     """
     B, T = mm_types.shape
-    # NOTE: the positions are laid out on the host, once per prompt (on a GPU: two copies to the CPU at the
-    # prefill, none per decode step); the caller moves the result to the device.
+    # NOTE: laid out on the host, once per prompt (on a GPU: two copies at the prefill, none per decode step)
     types, keep = mm_types.cpu(), attention_mask.cpu().bool()
     grids = {k: iter([] if g is None else g.tolist()) for k, g in ((1, image_grid_thw), (2, video_grid_thw))}
     pos, delta = torch.zeros(3, B, T, dtype=torch.long), torch.zeros(B, dtype=torch.long)
