@@ -28,6 +28,7 @@ Protocol: ../shared/reference/benchmark-protocol.md. Needs requirements-dev.txt 
 
 import argparse
 import ctypes
+import gc
 import json
 import re
 import shutil
@@ -484,7 +485,8 @@ def main(argv=None):
 
 def run(a: argparse.Namespace) -> dict:
     """One model, one setting: prints the side-by-side table and the roofline, and returns
-    {"results": {run name: {figure: value}}, "roofline": {run name: share of the GEMV roofline}}."""
+    {"results": {run name: {figure: value}}, "roofline": {run name: share of the GEMV roofline},
+    "prompt": "tokens (visual tokens)"}."""
     BENCHED.clear()
     device = common.pick_device(a.device)
     measure_memory = device.type == "cuda" or Path("/proc/self/clear_refs").exists()
@@ -545,7 +547,7 @@ def run(a: argparse.Namespace) -> dict:
         + ", ".join(f"{n} {t:.1f}" for n, t in warmup.items())
     )
     shares = roofline(BENCHED["prompt_tokens"], results, a, device)
-    return {"results": results, "roofline": shares}
+    return {"results": results, "roofline": shares, "prompt": BENCHED["prompt"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -589,7 +591,7 @@ def bench_all(a: argparse.Namespace) -> str:
             b.dtype, b.ours_alone = a.dtype or "bfloat16", quantize is not None
             t0 = time.perf_counter()
             try:
-                done[setting] = run(b) | {"prompt": BENCHED["prompt"]}
+                done[setting] = run(b)
                 rows.append(table_row(model, setting, done, a.batch))
             except Exception as e:  # one failure must not cost the other runs' figures
                 print(f"{model} {setting} failed: {type(e).__name__}: {e}")
@@ -629,8 +631,6 @@ def transformers_version() -> str:
 
 def release(device) -> None:
     """Frees what a run left: its models, compiled graphs (and their CUDA graph memory), cached blocks."""
-    import gc
-
     BENCHED.clear()
     torch._dynamo.reset()
     gc.collect()
@@ -641,7 +641,7 @@ def release(device) -> None:
 def table_row(model: str, setting: str, done: dict, batch: int) -> str:
     """One Markdown row of bench_all's table, from run()'s figures (done[setting]); the int8/int4 rows take
     transformers' figures from the compiled run and compare with ours compiled bf16 too."""
-    r, quantized = done[setting], setting in ("int8", "int4")
+    r, quantized = done[setting], SETTINGS[setting][1] is not None
     peer = done.get("compiled", {}) if quantized else r  # the run transformers' figures come from
     ours, theirs = r["results"]["ours"], peer.get("results", {}).get("transformers", {})
 
@@ -685,12 +685,17 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(VISION_PARTS)]
 
 
+def embedding(model) -> torch.nn.Embedding:
+    """The decoder's input embedding table (its dtype is the model's load dtype)."""
+    return next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
+
+
 def decode_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
     """Bytes one batch-1 decode step reads: the decoder's weights, as stored (quantized layers keep theirs in
     buffers; the vision tower and projector are not used; the input embedding table only when it is tied to
     the output layer) and the KV cache, half full."""
     skip = VISION_PARTS + ("image_newline",)
-    embed = next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
+    embed = embedding(model)
     tied = model.lm_head.weight is embed.weight
     weights = sum(
         t.numel() * t.element_size()
@@ -718,7 +723,7 @@ def decode_floor(model, prompt_tokens: int, new_tokens: int, device) -> float:
     layer's half-full cache. No implementation can skip this work; small matrices reach less of the bandwidth
     than one large GEMV, so the floor sits below the roofline."""
     layers = decoder_layers(model)
-    dtype = next(m for n, m in model.named_modules() if n.endswith("embed_tokens")).weight.dtype
+    dtype = embedding(model).weight.dtype
     xs = [torch.randn(1, m.in_features, device=device, dtype=dtype) for m in layers]
     n_layers, Hkv, S, Dh = cache_shape(model, prompt_tokens, new_tokens)
     q = torch.randn(1, model.cfg.text_config.num_attention_heads, 1, Dh, device=device, dtype=dtype)
@@ -748,11 +753,11 @@ def roofline(prompt_tokens: int, results, a, device) -> dict[str, float]:
         for k, m in models.items()
         if m is not None and k in results
     }
-    dtype = next(m for k, m in ours.named_modules() if k.endswith("embed_tokens")).weight.dtype
-    bw = gemv_bandwidth(max(n.values()), device, dtype)
+    bw = gemv_bandwidth(max(n.values()), device, embedding(ours).weight.dtype)
+    shares = {k: results[k]["decode_tok_s_b1"] * n[k] / bw for k in n}
     print(
         f"decode roofline, batch 1: GEMV bandwidth {bw / 1e9:.1f} GB/s; bytes read per token -> share of it: "
-        + ", ".join(f"{k} {n[k] / 1e6:.1f} MB -> {results[k]['decode_tok_s_b1'] * n[k] / bw:.0%}" for k in n)
+        + ", ".join(f"{k} {n[k] / 1e6:.1f} MB -> {shares[k]:.0%}" for k in n)
     )
     for k in ("ours", "ours unquantized"):
         if models[k] is not None:
@@ -767,7 +772,7 @@ def roofline(prompt_tokens: int, results, a, device) -> dict[str, float]:
                     else ""
                 )
             )
-    return {k: results[k]["decode_tok_s_b1"] * n[k] / bw for k in n}
+    return shares
 
 
 # ----------------------------------------------------------------------------------------------------------
