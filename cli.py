@@ -189,7 +189,9 @@ def describe(v: common.Video) -> str:
     """One line about a loaded video, for the media lines."""
     H, W = v.frames.shape[1:3]
     times = ", ".join(f"{t:.2f}" for t in v.timestamps)
-    return f"{len(v.indices)} of {v.total_frames} frames ({times} s), {W}x{H}"
+    n, total = len(v.indices), v.total_frames
+    taken = f"its {total} frames repeated to {n}" if n > total else f"{n} of {total} frames"
+    return f"{taken} ({times} s), {W}x{H}"
 
 
 def say(*lines: str) -> None:

@@ -986,19 +986,24 @@ class Video:
 
 
 def sample_frame_indices(
-    total: int, num_frames: int | None = None, fps: float | None = None, video_fps: float | None = None
+    total: int,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    video_fps: float | None = None,
+    repeat: bool = False,
 ) -> list[int]:
-    """Uniform indices: `num_frames` of them, or `fps` per second of video. Clamped to what the video has."""
+    """Uniform indices: `num_frames` of them, or `fps` per second of video. A count above what the video
+    has takes all its frames, or with `repeat` each frame in turn (3 for 8: 0 0 0 1 1 1 2 2).
+    An fps never repeats frames."""
     check_frames(num_frames, fps)
     if fps is not None:
-        num_frames = max(1, int(total / (video_fps or 24.0) * fps))
-    if num_frames is None or num_frames >= total:
-        if num_frames is not None and num_frames > total:
-            print(
-                f"note: the video has {total} frames; using all {total} instead of {num_frames}",
-                file=sys.stderr,
-            )
+        num_frames, repeat = max(1, int(total / (video_fps or 24.0) * fps)), False
+    if num_frames is None or num_frames == total:
         return list(range(total))
+    if num_frames > total:
+        how = "repeating them to make" if repeat else f"using all {total} instead of"
+        print(f"note: the video has {total} frames; {how} {num_frames}", file=sys.stderr)
+        return [i * total // num_frames for i in range(num_frames)] if repeat else list(range(total))
     return torch.arange(0, total, total / num_frames).int().tolist()[:num_frames]
 
 
@@ -1012,9 +1017,12 @@ def check_frames(num_frames: int | None, fps: float | None) -> None:
         raise ValueError(f"fps must be > 0, got {fps}")
 
 
-def load_video(src: str | Path, num_frames: int | None = None, fps: float | None = None) -> Video:
-    """Decode frames with PyAV, sampled uniformly by count or rate. When few frames are wanted it seeks to
-    each one instead of decoding the whole file."""
+def load_video(
+    src: str | Path, num_frames: int | None = None, fps: float | None = None, repeat: bool = False
+) -> Video:
+    """Decode frames with PyAV, sampled uniformly by count or rate (`sample_frame_indices`; `repeat`: a short
+    video's frames repeated up to the count). When few frames are wanted it seeks to each one instead of
+    decoding the whole file."""
     import av
 
     check_frames(num_frames, fps)
@@ -1034,7 +1042,7 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
         if not total and stream.duration:
             total = int(float(stream.duration * stream.time_base) * rate)
         frames: dict[int, np.ndarray] = {}
-        wanted = sample_frame_indices(total, num_frames, fps, rate) if total else []
+        wanted = sample_frame_indices(total, num_frames, fps, rate, repeat) if total else []
         if total:
             if len(wanted) * 4 < total:  # sparse: seek to each frame's timestamp
                 start = stream.start_time or 0
@@ -1055,7 +1063,7 @@ def load_video(src: str | Path, num_frames: int | None = None, fps: float | None
                         file=sys.stderr,
                     )
                 total = len(decoded)
-                wanted = sample_frame_indices(total, num_frames, fps, rate) if total else []
+                wanted = sample_frame_indices(total, num_frames, fps, rate, repeat) if total else []
             frames = {i: decoded[i] for i in wanted}
     if not frames:
         raise ValueError(f"{src} contains no decodable video frames")

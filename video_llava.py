@@ -205,17 +205,7 @@ class Processor:
         Another count than 8 is warned about when the frames are preprocessed."""
         if fps is None:
             num_frames = num_frames or TRAINED_FRAMES
-        v = common.load_video(path, num_frames=num_frames, fps=fps)
-        if num_frames is not None and len(v.indices) < num_frames:  # a short video: repeat frames
-            pick = [int(i * len(v.indices) / num_frames) for i in range(num_frames)]
-            v = common.Video(
-                v.frames[pick],
-                [v.indices[i] for i in pick],
-                [v.timestamps[i] for i in pick],
-                v.fps,
-                v.total_frames,
-            )
-        return v
+        return common.load_video(path, num_frames=num_frames, fps=fps, repeat=True)
 
     def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
         out = []

@@ -243,6 +243,18 @@ def test_load_video_sampling(video_file):
         assert np.array_equal(got.frames, everything.frames[got.indices])  # the right frames, seek or not
     assert common.load_video(video_file, fps=4).indices == [0, 5, 10, 15, 20, 25, 30, 35]
     assert len(common.load_video(video_file, num_frames=100).indices) == 40  # clamped to what the file has
+    more = common.load_video(video_file, num_frames=100, repeat=True)  # or each frame in turn, repeated
+    assert more.indices == [i * 40 // 100 for i in range(100)] and more.indices[:6] == [0, 0, 0, 1, 1, 2]
+    assert np.array_equal(more.frames, everything.frames[more.indices])
+    assert common.load_video(video_file, fps=80, repeat=True).indices == list(range(40))  # a rate never repeats
+
+
+def test_frame_sampling_notes(capsys):
+    assert common.sample_frame_indices(3, 8, repeat=True) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert capsys.readouterr().err == "note: the video has 3 frames; repeating them to make 8\n"
+    assert common.sample_frame_indices(3, 8) == [0, 1, 2]
+    assert capsys.readouterr().err == "note: the video has 3 frames; using all 3 instead of 8\n"
+    assert common.sample_frame_indices(3, 3, repeat=True) == [0, 1, 2] and not capsys.readouterr().err
 
 
 def test_load_video_errors(tmp_path):
