@@ -190,7 +190,7 @@ def describe(v: common.Video) -> str:
     H, W = v.frames.shape[1:3]
     times = ", ".join(f"{t:.2f}" for t in v.timestamps)
     n, total = len(v.indices), v.total_frames
-    taken = f"its {total} frames repeated to {n}" if n > total else f"{n} of {total} frames"
+    taken = f"{n} frames repeated from {total}" if n > total else f"{n} of {total} frames"
     return f"{taken} ({times} s), {W}x{H}"
 
 

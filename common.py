@@ -996,13 +996,17 @@ def sample_frame_indices(
     has takes all its frames, or with `repeat` each frame in turn (3 for 8: 0 0 0 1 1 1 2 2).
     An fps never repeats frames."""
     check_frames(num_frames, fps)
+    asked = num_frames
     if fps is not None:
-        num_frames, repeat = max(1, int(total / (video_fps or 24.0) * fps)), False
+        video_fps = video_fps or 24.0
+        num_frames, repeat, asked = max(1, int(total / video_fps * fps)), False, f"{fps:g} per second"
     if num_frames is None or num_frames == total:
         return list(range(total))
     if num_frames > total:
-        how = "repeating them to make" if repeat else f"using all {total} instead of"
-        print(f"note: the video has {total} frames; {how} {num_frames}", file=sys.stderr)
+        has = f"{total} frame{'s' * (total != 1)}" + (f" at {video_fps:g} per second" if fps else "")
+        them = "it" if total == 1 else "them"
+        how = f"repeating {them} to make" if repeat else f"using {them} instead of"
+        print(f"note: the video has {has}; {how} {asked}", file=sys.stderr)
         return [i * total // num_frames for i in range(num_frames)] if repeat else list(range(total))
     return torch.arange(0, total, total / num_frames).int().tolist()[:num_frames]
 

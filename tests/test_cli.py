@@ -190,7 +190,7 @@ def test_answer_on_stdout_notes_and_valid_json_on_stderr(file, ckpt, media, caps
     assert any(line.startswith("warning: float16") for line in lines)
     assert any(line.startswith("image 1: 80x60 -> ") and line.endswith(" tokens") for line in lines)
     if video:  # Video-LLaVA repeats frames of a short video up to the count; the others take what there is
-        taken = "its 6 frames repeated to 8" if file == "video_llava" else "6 of 6 frames"
+        taken = "8 frames repeated from 6" if file == "video_llava" else "6 of 6 frames"
         assert any(line.startswith(f"video 1: {taken} (") for line in lines), lines
     assert out.endswith("\n") and not any(w in out for w in ("warning", "note:", "image 1", '{"model"'))
 
@@ -200,7 +200,7 @@ def test_short_video_notice(file, ckpt, media, capsys):
     args = base(file, ckpt, media, image=False) + ["--video", media / "clip.mp4", "--num-frames", "12"]
     code, out, err = run(capsys, file, args + ["--max-new-tokens", "2"])
     assert code == 0, err
-    how = "repeating them to make" if file == "video_llava" else "using all 6 instead of"
+    how = "repeating them to make" if file == "video_llava" else "using them instead of"
     assert f"note: the video has 6 frames; {how} 12\n" in err
 
 

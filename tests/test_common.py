@@ -246,14 +246,21 @@ def test_load_video_sampling(video_file):
     more = common.load_video(video_file, num_frames=100, repeat=True)  # or each frame in turn, repeated
     assert more.indices == [i * 40 // 100 for i in range(100)] and more.indices[:6] == [0, 0, 0, 1, 1, 2]
     assert np.array_equal(more.frames, everything.frames[more.indices])
-    assert common.load_video(video_file, fps=80, repeat=True).indices == list(range(40))  # a rate never repeats
+    rate = common.load_video(video_file, fps=80, repeat=True)  # 160 frames asked by rate: never repeated
+    assert rate.indices == list(range(40))
 
 
 def test_frame_sampling_notes(capsys):
-    assert common.sample_frame_indices(3, 8, repeat=True) == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert capsys.readouterr().err == "note: the video has 3 frames; repeating them to make 8\n"
-    assert common.sample_frame_indices(3, 8) == [0, 1, 2]
-    assert capsys.readouterr().err == "note: the video has 3 frames; using all 3 instead of 8\n"
+    rate = "12 frames at 4 per second; using them instead of 100 per second"  # a rate never repeats
+    for args, kw, indices, note in (
+        ((3, 8), dict(repeat=True), [0, 0, 0, 1, 1, 1, 2, 2], "3 frames; repeating them to make 8"),
+        ((3, 8), {}, [0, 1, 2], "3 frames; using them instead of 8"),
+        ((1, 4), dict(repeat=True), [0] * 4, "1 frame; repeating it to make 4"),
+        ((12,), dict(fps=100, video_fps=4.0), list(range(12)), rate),
+        ((12,), dict(fps=100, video_fps=4.0, repeat=True), list(range(12)), rate),
+    ):
+        assert common.sample_frame_indices(*args, **kw) == indices
+        assert capsys.readouterr().err == f"note: the video has {note}\n"
     assert common.sample_frame_indices(3, 3, repeat=True) == [0, 1, 2] and not capsys.readouterr().err
 
 
