@@ -903,16 +903,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(
-    src: str | Path | Image.Image | np.ndarray, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    src: str | Path | Image.Image | np.ndarray | torch.Tensor, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> Image.Image:
-    """A PIL RGB image from a PIL image, an (H, W, 3|4) uint8 array, a path, an http(s) URL or a data URI.
+    """A PIL RGB image from a PIL image, a uint8 array or tensor ((H, W), (H, W, C) as PIL and NumPy lay it
+    out, or (C, H, W) as torchvision does; C = 1, 3 or 4), a path, an http(s) URL or a data URI.
     Images read from bytes get their EXIF orientation applied; one of more than `max_pixels` is refused."""
     if isinstance(src, Image.Image):
         return to_rgb(src)
+    if isinstance(src, torch.Tensor):
+        src = src.detach().cpu().numpy()
     if isinstance(src, np.ndarray):
-        if src.dtype != np.uint8 or src.ndim not in (2, 3):
-            raise ValueError(f"an image array must be (H, W) or (H, W, C) uint8, got {src.dtype} {src.shape}")
-        return to_rgb(Image.fromarray(src))
+        x, channels = src, (1, 3, 4)
+        if x.ndim == 3 and x.shape[-1] not in channels and x.shape[0] in channels:
+            x = x.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in channels):
+            raise ValueError(
+                f"an image array or tensor must be uint8 (0-255), laid out (H, W), (H, W, C) or (C, H, W) "
+                f"with C = 1, 3 or 4; got {x.dtype} {tuple(src.shape)}"
+            )
+        return to_rgb(Image.fromarray(np.ascontiguousarray(x[..., 0] if x.shape[-1:] == (1,) else x)))
+    if not isinstance(src, (str, Path)):
+        raise ValueError(
+            f"an image is a PIL image, a uint8 array or tensor, a path, an http(s) URL or a data URI, not "
+            f"{type(src).__name__}"
+        )
     src = str(src)
     if src.startswith("data:"):
         head, _, payload = src.partition(",")
@@ -957,8 +971,16 @@ def image_to_uint8(src) -> torch.Tensor:
 
 
 def frames_to_uint8(frames) -> torch.Tensor:
-    """A video's frames, as an (F, H, W, 3) uint8 array or a list of images -> (F, 3, H, W) uint8."""
-    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+    """A video's frames -> (F, 3, H, W) uint8: an (F, H, W, 3) uint8 array (PyAV's layout), or anything whose
+    items `load_image` takes (a list of images; an (F, C, H, W) or (F, H, W, C) uint8 array or tensor)."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if (
+        isinstance(frames, np.ndarray)
+        and frames.ndim == 4
+        and frames.dtype == np.uint8
+        and frames.shape[-1] == 3
+    ):
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()  # (F, 3, H, W)
     else:
         x = torch.stack([image_to_uint8(f) for f in frames]) if len(frames) else torch.zeros(0, 3, 1, 1)

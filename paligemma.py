@@ -210,6 +210,8 @@ class Processor:
                     f"{len(images)} images for {len(texts)} prompts: give one image (or one list "
                     "of images) per prompt, or put <image> placeholders in the prompts"
                 )
+            if not all(per_row):
+                raise ValueError("PaliGemma needs an image with every prompt: a prompt's image is None or []")
             for t in texts:
                 if t.split(" ", 1)[0] not in TASK_WORDS:
                     warnings.warn(

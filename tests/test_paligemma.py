@@ -290,6 +290,8 @@ def test_bad_inputs(dirs, ours, tmp_path):
         proc(text=["caption en", "ocr"], images=[image("photo")])
     with pytest.raises(ValueError, match="needs an image"):
         proc(text="caption en")
+    with pytest.raises(ValueError, match="needs an image with every prompt: a prompt's image is None or"):
+        proc(text=["caption en", "ocr"], images=[image("photo"), None])
     inputs = proc(text="caption en", images=[image("photo")])
     with pytest.raises(ValueError, match="16 <image> tokens but the images give 32"):
         model(**dict(inputs, pixel_values=inputs["pixel_values"].repeat(2, 1, 1, 1)))

@@ -98,6 +98,19 @@ def test_image_modes_match(ours, ref):
         assert max_diff(got["pixel_values"], want["pixel_values"]) <= 1e-5
 
 
+def test_tensor_images_and_videos_match(ours, ref):
+    """torchvision's layouts, (C, H, W) images and (F, C, H, W) videos as uint8 tensors, as the reference
+    processor reads them."""
+    img = torch.from_numpy(tiny.synthetic_image(56, 84, 4)).permute(2, 0, 1)  # (3, H, W)
+    got = ours[1].preprocess_images([img])
+    want = ref[0].image_processor(images=[img], return_tensors="pt")
+    assert max_diff(got["pixel_values"], want["pixel_values"]) <= 1e-5
+    frames = torch.from_numpy(VIDEO[:4]).permute(0, 3, 1, 2)  # (F, 3, H, W)
+    got = ours[1].preprocess_videos([frames])
+    want = ref[0].video_processor(videos=[frames], return_tensors="pt")
+    assert max_diff(got["pixel_values_videos"], want["pixel_values_videos"]) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "frames",
     [VIDEO, list(VIDEO[:4]), [Image.fromarray(f) for f in VIDEO[:3]]],
