@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -711,6 +712,10 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"):
+            value, count = getattr(self, name), name in ("max_new_tokens", "top_k")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if count else numbers.Real):
+                raise ValueError(f"{name} must be {'an integer' if count else 'a number'}, got {value!r}")
         checks = [
             ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
             ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 = greedy)"),
@@ -722,18 +727,22 @@ class GenerationSettings:
             raise ValueError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         for name, value, ok, allowed in checks:
             finite = math.isfinite(value)
-            whole = name not in ("max_new_tokens", "top_k") or (finite and value == int(value))  # counts
-            if not (ok and finite and whole):
+            if not (ok and finite):
                 raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def left_padded_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The attention mask (all ones when None), which generation needs left-padded: every row's last token
     real, so that the new tokens of all rows go to the same cache slot."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}: [None] adds the batch")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids has no tokens: the prompt is empty")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        shapes = f"{tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        raise ValueError(f"attention_mask {shapes}: pass the processor's output unchanged")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate() needs left padding: call the processor with padding_side='left'")
     return attention_mask

@@ -691,7 +691,7 @@ class PaliGemma(nn.Module):
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        eos_token_ids: list[int] | None = None,
+        eos_token_ids: list[int] | int | None = None,
         streamer=None,
         compile: bool = False,
         details: bool = False,
@@ -700,8 +700,8 @@ class PaliGemma(nn.Module):
         causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
         is. details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
         # 1. settings and checks
-        B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
+        B, T = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         settings = common.GenerationSettings(
@@ -728,7 +728,7 @@ class PaliGemma(nn.Module):
         def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
             return decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # NOTE: 1-based positions
 
-        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
         gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )

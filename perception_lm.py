@@ -728,7 +728,7 @@ class PerceptionLM(nn.Module):
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        eos_token_ids: list[int] | None = None,
+        eos_token_ids: list[int] | int | None = None,
         streamer=None,
         compile: bool = False,
         details: bool = False,
@@ -736,8 +736,8 @@ class PerceptionLM(nn.Module):
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
         details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
         # 1. settings and checks
-        B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
+        B, T = input_ids.shape
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -761,7 +761,7 @@ class PerceptionLM(nn.Module):
         def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
             return decode_step(token, n_real + i, next_slot + i, keep, caches)
 
-        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
         gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )

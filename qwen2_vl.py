@@ -762,7 +762,7 @@ class Qwen2VL(nn.Module):
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
-        eos_token_ids: list[int] | None = None,
+        eos_token_ids: list[int] | int | None = None,
         streamer=None,
         compile: bool = False,
         details: bool = False,
@@ -770,8 +770,8 @@ class Qwen2VL(nn.Module):
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
         details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
         # 1. settings and checks
-        B, T = input_ids.shape
         attention_mask = common.left_padded_mask(input_ids, attention_mask)
+        B, T = input_ids.shape
         settings = common.GenerationSettings(
             max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
         )
@@ -799,7 +799,7 @@ class Qwen2VL(nn.Module):
             p = (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1): the same on all 3 axes
             return decode_step(token, p, next_slot + i, keep, caches)
 
-        eos = self.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
         gen = common.generate_loop(
             first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
         )

@@ -290,18 +290,25 @@ def test_sampling_ranges_in_the_python_api(ckpt):
 
     model, proc = qwen2_vl.load(ckpt["qwen2_vl"], device="cpu")
     inputs = proc(text="hello")
+    T = inputs["input_ids"].shape[1]
     for kw, needle in (
         (dict(temperature=-0.5), "temperature must be >= 0"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=float("nan")), "top_p must be in"),
         (dict(top_k=-1), "top_k must be >= 0"),
-        (dict(top_k=2.5), "top_k must be >= 0"),
+        (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
         (dict(repetition_penalty=-1.0), "repetition_penalty must be > 0"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(max_new_tokens=10**6), "max_position_embeddings (4096)"),
+        (dict(max_new_tokens="3"), "max_new_tokens must be an integer, got '3'"),
+        (dict(max_new_tokens=3.0), "max_new_tokens must be an integer, got 3.0"),
+        (dict(temperature=None), "temperature must be a number, got None"),
+        (dict(top_k=True), "top_k must be an integer, got True"),
+        (dict(input_ids=inputs["input_ids"][0]), f"input_ids must be (B, T), got ({T},)"),
+        (dict(attention_mask=inputs["attention_mask"][:, 1:]), f"attention_mask (1, {T - 1}) does not match"),
     ):
         with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-            model.generate(**inputs, **kw)
+            model.generate(**{**inputs, **kw})
     with pytest.raises(ValueError, match="a whole number >= 1"):
         common.load_video("x.mp4", num_frames=0)
     for bad in (dict(num_frames=0), dict(fps=0.0), dict(num_frames=4, fps=2.0)):
