@@ -309,6 +309,8 @@ def test_sampling_ranges_in_the_python_api(ckpt):
     ):
         with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             model.generate(**{**inputs, **kw})
+    first = int(model.generate(**inputs, max_new_tokens=1, eos_token_ids=[])[0, 0])
+    assert model.generate(**inputs, max_new_tokens=4, eos_token_ids=first).tolist() == [[first]]  # one id
     with pytest.raises(ValueError, match="a whole number >= 1"):
         common.load_video("x.mp4", num_frames=0)
     for bad in (dict(num_frames=0), dict(fps=0.0), dict(num_frames=4, fps=2.0)):
