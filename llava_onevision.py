@@ -256,10 +256,10 @@ class Processor:
         )
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Exactly what the llava-hf chat template renders. Per message: "<|im_start|>" + role + " ", then
-        every image item as <image> and every video item as <video> (whatever their place among the text
-        items), then each text item after a "\\n", then "<|im_end|>" (no newline after it). Example:
-        <|im_start|>user <image>\\nWhat is shown?<|im_end|><|im_start|>assistant\\n"""
+        """What the llava-hf chat template renders, a string `content` read as one text item (the template
+        renders nothing for it). Per message: "<|im_start|>" + role + " ", every image item as <image> and
+        every video item as <video> (wherever they are among the text items), each text item after a "\\n",
+        "<|im_end|>". Example: <|im_start|>user <image>\\nWhat is shown?<|im_end|><|im_start|>assistant\\n"""
         out = []
         for m in messages:
             items = (

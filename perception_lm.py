@@ -237,9 +237,10 @@ class Processor:
         )
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Exactly what the PLM chat template renders: <|begin_of_text|>, the system header with the given (or
-        the default) system message, then per message "<|start_header_id|>{role}<|end_header_id|>\\n\\n", its
-        <|image|> then <|video|> placeholders, its text items trimmed and joined, "<|eot_id|>"."""
+        """What the PLM chat template renders: <|begin_of_text|>, the system header with the given (or the
+        default) system message, then per message "<|start_header_id|>{role}<|end_header_id|>\\n\\n", its
+        <|image|> then <|video|> placeholders, its text items trimmed and joined, "<|eot_id|>". A string
+        `content` is read as one text item (the template renders nothing for it, and a system list as-is)."""
 
         def text_of(m):
             items = (

@@ -181,10 +181,11 @@ class Processor:
         )
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """What the checkpoint's LLaVA-1.5-style template renders. Per message: "USER: " / "ASSISTANT: " (a
-        system message: its text only), then <image>\\n per image and <video>\\n per video, then each text
-        item followed by a space. Example: "USER: <video>\\nWhy is this funny? ASSISTANT:". BOS is not part of
-        it: the processor puts it in front, as the Llama tokenizer does."""
+        """What the checkpoint's LLaVA-1.5-style template renders, a string `content` read as one text item
+        (the template renders nothing for it). Per message: "USER: " / "ASSISTANT: " (a system message: its
+        text only), then <image>\\n per image and <video>\\n per video, then each text item and a space.
+        Example: "USER: <video>\\nWhy is this funny? ASSISTANT:". BOS is not part of it: the processor puts it
+        in front, as the Llama tokenizer does."""
         out = []
         for m in messages:
             items = (
