@@ -231,7 +231,9 @@ class Processor:
         ids = [self.tokenizer.encode(r.replace(IMAGE_TOKEN, expand)) for r in rows]
         types = [[0] * len(x) for x in ids]
         if suffix is not None:
-            suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
+            suffixes = common.as_list(suffix)
+            if len(suffixes) != len(ids) or not all(isinstance(x, str) for x in suffixes):
+                raise ValueError(f"suffix: one answer string per prompt ({len(ids)}), not {suffix!r:.50}")
             for b, s in enumerate(suffixes):
                 answer = self.tokenizer.encode(s) + [self.eos_token_id]
                 ids[b], types[b] = ids[b] + answer, types[b] + [1] * len(answer)

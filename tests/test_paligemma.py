@@ -292,6 +292,11 @@ def test_bad_inputs(dirs, ours, tmp_path):
         proc(text="caption en")
     with pytest.raises(ValueError, match="needs an image with every prompt: a prompt's image is None or"):
         proc(text=["caption en", "ocr"], images=[image("photo"), None])
+    two = dict(text=["caption en", "ocr"], images=[image("photo"), image("photo")])
+    # a row left without labels would train on nothing: one answer per prompt, or an error
+    for suffix in ("a cat", ["a cat"], ["a cat", None], ["a", "b", "c"]):
+        with pytest.raises(ValueError, match=r"suffix: one answer string per prompt \(2\), not "):
+            proc(**two, suffix=suffix)
     inputs = proc(text="caption en", images=[image("photo")])
     with pytest.raises(ValueError, match="16 <image> tokens but the images give 32"):
         model(**dict(inputs, pixel_values=inputs["pixel_values"].repeat(2, 1, 1, 1)))
