@@ -915,20 +915,20 @@ def load_image(
     src: str | Path | Image.Image | np.ndarray | torch.Tensor, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> Image.Image:
     """A PIL RGB image from a PIL image, a uint8 array or tensor ((H, W), (H, W, C) as PIL and NumPy lay it
-    out, or (C, H, W) as torchvision does; C = 1, 3 or 4), a path, an http(s) URL or a data URI.
+    out, or (C, H, W) as torchvision does; C = 1 to 4), a path, an http(s) URL or a data URI.
     Images read from bytes get their EXIF orientation applied; one of more than `max_pixels` is refused."""
     if isinstance(src, Image.Image):
         return to_rgb(src)
     if isinstance(src, torch.Tensor):
         src = src.detach().cpu().numpy()
     if isinstance(src, np.ndarray):
-        x, channels = src, (1, 3, 4)
+        x, channels = src, (1, 2, 3, 4)
         if x.ndim == 3 and x.shape[-1] not in channels and x.shape[0] in channels:
             x = x.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
         if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in channels):
             raise ValueError(
                 f"an image array or tensor must be uint8 (0-255), laid out (H, W), (H, W, C) or (C, H, W) "
-                f"with C = 1, 3 or 4; got {x.dtype} {tuple(src.shape)}"
+                f"with C = 1 to 4; got {x.dtype} {tuple(src.shape)}"
             )
         return to_rgb(Image.fromarray(np.ascontiguousarray(x[..., 0] if x.shape[-1:] == (1,) else x)))
     if not isinstance(src, (str, Path)):

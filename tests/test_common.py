@@ -209,13 +209,18 @@ def test_image_and_video_arrays_in_either_layout():
     """NumPy/PIL's (H, W, C) and torchvision's (C, H, W), arrays or tensors, give the same pixels."""
     arr = tiny.synthetic_image(30, 40)  # (H, W, 3)
     chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    for src in (chw, torch.from_numpy(chw), torch.from_numpy(arr), arr[..., :1], torch.from_numpy(chw[:1])):
+    gray = (
+        arr[..., :1],
+        torch.from_numpy(chw[:1]),
+        np.concatenate([arr[..., :1], np.full_like(arr[..., :1], 255)], -1),
+    )
+    for src in (chw, torch.from_numpy(chw), torch.from_numpy(arr), *gray):  # the last: grey + opaque alpha
         want = arr if src.shape[-1] == 3 or src.shape[0] == 3 else np.repeat(arr[..., :1], 3, axis=-1)
         assert np.array_equal(np.asarray(common.load_image(src)), want), tuple(src.shape)
     for bad, needle in (
         (torch.rand(3, 30, 40), r"must be uint8 .* got float32 \(3, 30, 40\)"),
         (arr[:, :, None], r"got uint8 \(30, 40, 1, 3\)"),
-        (np.zeros((5, 30, 40), np.uint8), r"with C = 1, 3 or 4; got uint8 \(5, 30, 40\)"),
+        (np.zeros((5, 30, 40), np.uint8), r"with C = 1 to 4; got uint8 \(5, 30, 40\)"),
         (None, "not NoneType"),
     ):
         with pytest.raises(ValueError, match=needle):
