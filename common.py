@@ -55,12 +55,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         except (RuntimeError, TypeError):
             raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+            raise ValueError(f"device {device} was asked for but torch sees no CUDA GPU; use the CPU")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             n = torch.cuda.device_count()
             raise ValueError(f"device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device mps was asked for but torch sees no Apple GPU; use --device cpu")
+            raise ValueError("device mps was asked for but torch sees no Apple GPU; use the CPU")
         if device.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"device {device.type!r} is not supported: use cpu, cuda or mps")
         return device
