@@ -49,6 +49,7 @@ import tiny  # noqa: E402
 tiny.torchvision_for_reference()  # the stand-in when the real torchvision cannot load
 
 import common  # noqa: E402
+import quant  # noqa: E402
 
 
 def timed(fn, device):
@@ -249,7 +250,7 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
             mark_first()
             return scores
 
-    # ours: common.generate_loop calls common.sample once per new token; main() patches this in while timing
+    # ours: common.decode calls common.sample once per new token; main() patches this in while timing
     real_sample = common.sample
     BENCHED["sample"] = lambda *args, **kw: mark_first() or real_sample(*args, **kw)
 
@@ -447,7 +448,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="ours compiled vs transformers static + compile")
     ap.add_argument(
         "--quantize",
-        choices=common.QUANTIZE_MODES,
+        choices=quant.MODES,
         help="ours quantized, against ours unquantized and transformers + torchao int8 (default dtype: bf16)",
     )
     ap.add_argument("--memory", action="store_true", help="print the parameter memory table and stop")
@@ -681,7 +682,7 @@ def cache_shape(model, prompt_tokens: int, new_tokens: int) -> tuple[int, int, i
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """Every linear layer of the decoder, plain or quantized, the output layer included."""
-    kinds = (torch.nn.Linear, common.QuantLinear)
+    kinds = (torch.nn.Linear, quant.Int8Linear, quant.Int4Linear)
     return [m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(VISION_PARTS)]
 
 
@@ -840,13 +841,13 @@ def memory_table() -> str:
                 continue
             cfg = m.config_from_hf(json.loads(d))
             sizes = []
-            for mode in (None, *common.QUANTIZE_MODES):
+            for mode in (None, *quant.MODES):
                 with torch.device("meta"):
                     model = getattr(m, class_name)(cfg)
                 if mode is None:
                     n = sum(p.numel() for p in model.parameters())
                 else:
-                    common.quantize(model, mode, device="cpu", dtype=torch.bfloat16)
+                    quant.quantize(model, mode, device="cpu", dtype=torch.bfloat16)
                 sizes.append(parameter_bytes(model))
             done[d] = (file, n, *sizes)
             rows[done[d]] = [repo]

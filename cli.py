@@ -3,11 +3,12 @@
 - `parser`: the shared flags, with the same names, meanings and help text in every file
 - `check`: every value the command line can check before a checkpoint is downloaded or loaded
 - `load_media`, `messages`, `visual_tokens`: the media files, the chat turn, the count for the summary
-- `say`, `generate_and_report`, `explain`: the stderr report (media lines, --explain shapes, the JSON
-  summary); only the answer goes to stdout
+- `say`, `generate_and_report`, `record_shapes`, `explain`: the stderr report (media lines, --explain
+  shapes, the JSON summary); only the answer goes to stdout
+- `check_output_image`, `draw_boxes`: PaliGemma's --draw-boxes
 - `run_main`: one `error: ...` line and exit status 1 for a problem the user can fix, 130 for Ctrl-C
 A model file imports this module inside its `main()` only, so `import qwen2_vl` never loads it: the unit a
-researcher copies is the model file and common.py.
+researcher copies is the model file and common.py. The notebooks use `record_shapes` too.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 import common
+import media
+import quant
 
 
 class Parser(argparse.ArgumentParser):
@@ -104,25 +109,15 @@ def parser(
     )
     g.add_argument(
         "--quantize",
-        choices=common.QUANTIZE_MODES,
+        choices=quant.MODES,
         help="store the decoder's linear layers in 8 or 4 bits as they load: less memory, faster decoding "
         "(the vision tower, projector and embeddings stay in --dtype; default: off)",
     )
-    limit = common.DEFAULT_MAX_IMAGE_PIXELS
+    limit = media.DEFAULT_MAX_IMAGE_PIXELS
     g.add_argument(
         "--max-image-pixels", type=int, default=limit, help=f"refuse larger images (default: {limit})"
     )
     return ap
-
-
-def is_utf8(text: str) -> bool:
-    """False for a command-line string that held bytes which are not UTF-8 (Python keeps them as lone
-    surrogates)."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def read_prompt_file(path: str) -> str:
@@ -148,7 +143,8 @@ def check(a: argparse.Namespace) -> argparse.Namespace:
         a.prompt = read_prompt_file(a.prompt_file)
     for flag in ("prompt", "system"):
         text = getattr(a, flag, None)
-        if text is not None and not is_utf8(text):
+        # NOTE: Python keeps command-line bytes that are not UTF-8 as lone surrogates
+        if text is not None and any("\ud800" <= c <= "\udfff" for c in text):
             raise ValueError(f"--{flag} is not valid UTF-8 text: write it in UTF-8 (or use --prompt-file)")
     if a.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
@@ -157,15 +153,15 @@ def check(a: argparse.Namespace) -> argparse.Namespace:
             if not str(src).startswith(("http://", "https://", "data:")) and not os.path.isfile(src):
                 raise FileNotFoundError(f"{kind} file not found: {src}")
     if hasattr(a, "num_frames"):
-        common.check_frames(a.num_frames, a.fps)
+        media.check_frames(a.num_frames, a.fps)
     common.pick_device(a.device)
     return a
 
 
-def load_media(a, processor) -> tuple[list, list[common.Video]]:
+def load_media(a, processor) -> tuple[list, list[media.Video]]:
     """The --image files as PIL images (under --max-image-pixels) and the --video files as sampled frames
     (the processor's own sampling, with --num-frames / --fps)."""
-    images = [common.load_image(src, a.max_image_pixels) for src in a.image]
+    images = [media.load_image(src, a.max_image_pixels) for src in a.image]
     videos = [processor.load_video(src, a.num_frames, a.fps) for src in getattr(a, "video", [])]
     return images, videos
 
@@ -185,7 +181,7 @@ def visual_tokens(inputs: dict, processor) -> int:
     return sum(int((ids == getattr(processor, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
 
 
-def describe(v: common.Video) -> str:
+def describe(v: media.Video) -> str:
     """One line about a loaded video, for the media lines."""
     H, W = v.frames.shape[1:3]
     times = ", ".join(f"{t:.2f}" for t in v.timestamps)
@@ -200,37 +196,70 @@ def say(*lines: str) -> None:
         print(line, file=sys.stderr)
 
 
+class Printer:
+    """The streamer the command line gives generate(): prints each piece of the answer to stdout as it comes,
+    and notes when it came (the first: the time to first token; the next: after the first decode step)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, piece: str) -> None:
+        self.times.append(time.perf_counter())
+        print(piece, end="", flush=True)
+
+
 def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> torch.Tensor:
     """Generate with the command line's settings, stream the text to stdout, then print a one-line JSON
     summary to stderr (with --explain, first the shape of every stage in `stages`). The sampling settings are
     the command line's: generation_config.json gives only EOS."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    first: list[float] = []
-
-    def streamer(piece: str) -> None:
-        first.append(first[0] if first else time.perf_counter())
-        print(piece, end="", flush=True)
-
+    printer = Printer()
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=streamer, compile=a.compile)
+    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=printer, compile=a.compile)
     t0 = time.perf_counter()
-    with common.record_shapes(model, stages if a.explain else []) as rows:
-        gen = model.generate(**inputs, **kw, details=True)
+    with record_shapes(model, stages if a.explain else []) as rows:
+        tokens = model.generate(**inputs, **kw)
     t1 = time.perf_counter()
     print()
     if a.explain:
         explain(rows, inputs)  # the logits, the last of `stages`, end each step
-    n, ttft = gen.tokens.shape[1], (first[0] if first else t1) - t0
+    n, times = tokens.shape[1], printer.times + [t1]  # a final EOS is not printed: t1 stands for it
+    ttft = times[0] - t0
     rate = round((n - 1) / (t1 - t0 - ttft), 2) if n > 1 and t1 - t0 > ttft else None
     summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
     summary.update(quantize=a.quantize)
     summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
-    summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=gen.stopped)
+    stopped = "eos" if n and int(tokens[0, -1]) in model.eos_token_ids else "max_new_tokens"
+    summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=stopped)
     if a.compile:  # the first decode step compiles
-        summary["compile_s"] = round(gen.first_step_s or 0.0, 2)
+        summary["compile_s"] = round(times[1] - times[0], 2) if n > 1 else 0.0
     print(json.dumps(summary), file=sys.stderr)
-    return gen.tokens
+    return tokens
+
+
+@contextmanager
+def record_shapes(model: torch.nn.Module, stages: list[tuple[str, str, str]]) -> Iterator[list[dict]]:
+    """Records the output shape of every named stage while the block runs. `stages` is a model file's
+    STAGES: (submodule path, what it does, its shape in the legend). Yields a list that receives one
+    {"stage", "module", "legend", "shape", "inputs"} per call (`inputs`: the shapes of its tensor arguments),
+    in call order (a prefill and each decode step all add rows). The hooks are removed when the block ends."""
+    rows: list[dict] = []
+
+    def hook(path: str, what: str, legend: str):
+        def record(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            ins = [tuple(x.shape) for x in args if torch.is_tensor(x)]
+            rows.append(dict(stage=what, module=path, legend=legend, shape=tuple(out.shape), inputs=ins))
+
+        return record
+
+    handles = [model.get_submodule(p).register_forward_hook(hook(p, w, leg)) for p, w, leg in stages]
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def explain(rows: list[dict], inputs: dict) -> None:
@@ -245,6 +274,27 @@ def explain(rows: list[dict], inputs: dict) -> None:
             if phase == "decode":
                 break
             phase = "decode"
+
+
+def check_output_image(path: str) -> None:
+    """Before loading: --draw-boxes must name a writable directory and an image format PIL writes."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--draw-boxes {path}: {folder} is not a directory this program can write to")
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--draw-boxes {path}: end the name in an image extension PIL writes, such as .png")
+
+
+def draw_boxes(image: Image.Image, boxes, path: str) -> None:
+    """(label, (x0, y0, x1, y1)) boxes in pixels drawn in red on a copy of the image, saved to `path`."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    for label, box in boxes:
+        draw.rectangle(box, outline=(255, 0, 0), width=max(2, image.width // 200))
+        draw.text((box[0] + 3, box[1] + 2), label, fill=(255, 0, 0))
+    image.save(path)
 
 
 def run_main(main: Callable[[], None]) -> None:

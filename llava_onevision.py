@@ -25,11 +25,12 @@ Worked example (0.5b-ov): a 480x640 photo -> best resolution 768x768 -> fitted t
 newline) = 2200, plus the base 729 = 2929 tokens of width 896.
 
 Where things are (section: what to read first):
-  1 config: LlavaOnevisionConfig             2 preprocessing: select_best_resolution, anyres_layout,
-    anyres_tiles, Processor.__call__         3 vision tower: SiglipVisionTower    4 projector: Projector
+  1 config: LlavaOnevisionConfig             2 pixel maths: select_best_resolution, anyres_layout,
+    anyres_tiles, square_tile                3 vision tower: SiglipVisionTower    4 projector: Projector
   5 decoder: rope_cos_sin, attend (GQA), KVCache, Attention
-  6 the VLM: LlavaOnevision.pack_anyres, image_features, video_features, embed / prefill / decode_step
-  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
+  6 the VLM: pack_anyres, pack_video, LlavaOnevision.image_features / embed / prefill / decode_step
+  7 the processor: Processor (chat template, tiles, placeholders)   8 weights: config_from_hf, rename, load
+  9 command line: STAGES (for --explain), main (cli.py)
 
 Paper: "LLaVA-OneVision: Easy Visual Task Transfer" (arXiv 2408.03326). Matches transformers 5.23
 `models/llava_onevision/` (modeling, image/video processing, processing) with `siglip/` and `qwen2/`.
@@ -99,7 +100,7 @@ class LlavaOnevisionConfig:
 
 
 # ==========================================================================================================
-# 2. Preprocessing and prompt
+# 2. Pixel maths: anyres tiles and their token counts
 # ==========================================================================================================
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -124,9 +125,7 @@ class VisionInputConfig:
     def from_hf(d: dict, num_image_tokens: int = 729, aspect: str = "anyres_max_9") -> VisionInputConfig:
         size = d.get("size") or {}
         if d.get("resample", 3) != 3:
-            raise ValueError(
-                f"resample={d['resample']} in the processor config: only bicubic (3) is supported"
-            )
+            raise ValueError(f"resample={d['resample']} in the processor config: only bicubic (3) is known")
         return VisionInputConfig(
             size=size.get("height", size.get("shortest_edge", 384)),
             image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
@@ -226,102 +225,6 @@ def square_tile(image: torch.Tensor, cfg: VisionInputConfig) -> torch.Tensor:
     top, left = (L - H) // 2, (L - W) // 2
     canvas[:, top : top + H, left : left + W] = image
     return normalize(resize_uint8(canvas[None], cfg.size, cfg.size), cfg)  # (1, 3, S, S)
-
-
-IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
-
-
-class Processor:
-    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
-    LlavaOnevisionProcessor: input_ids, attention_mask, pixel_values (images, max tiles, 3, 384, 384),
-    image_sizes (images, 2) as (H, W), batch_num_images, pixel_values_videos (videos, F, 3, 384, 384)."""
-
-    def __init__(self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig):
-        self.tokenizer, self.image, self.video = tokenizer, image, video
-        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
-        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
-        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
-        self.pad_token_id = tokenizer.token_id("<|endoftext|>")
-
-    @staticmethod
-    def from_dir(ckpt: Path) -> Processor:
-        """Settings from preprocessor_config.json + processor_config.json (published repos) or the nested
-        processor_config.json (transformers 5). Without a video config the image values are used."""
-        p, image_d, video_d = common.read_processor_configs(ckpt)
-        extra = (p.get("num_image_tokens", 729), p.get("vision_aspect_ratio", "anyres_max_9"))
-        return Processor(
-            common.Tokenizer(ckpt / "tokenizer.json"),
-            VisionInputConfig.from_hf(image_d, *extra),
-            VisionInputConfig.from_hf(image_d if video_d is None else video_d, *extra),
-        )
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """What the llava-hf chat template renders, a string `content` read as one text item (the template
-        renders nothing for it). Per message: "<|im_start|>" + role + " ", every image item as <image> and
-        every video item as <video> (wherever they are among the text items), each text item after a "\\n",
-        "<|im_end|>". Example: <|im_start|>user <image>\\nWhat is shown?<|im_end|><|im_start|>assistant\\n"""
-        out = []
-        for m in messages:
-            items = (
-                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-            )
-            out.append(f"<|im_start|>{m['role']} ")
-            out += [IMAGE_TOKEN for it in items if it.get("type") == "image"]
-            out += [VIDEO_TOKEN for it in items if it.get("type") == "video"]
-            out += ["\n" + it["text"] for it in items if it.get("type") == "text"]
-            out.append("<|im_end|>")
-        if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
-        return "".join(out)
-
-    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
-        """`num_frames` frames sampled uniformly (default 8, as the model card), or `fps` per second; never
-        every frame by accident."""
-        return common.load_video(path, num_frames=num_frames or (None if fps else 8), fps=fps)
-
-    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
-        out = []
-        for video in videos:
-            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            S = self.video.size
-            x = resize_uint8(common.frames_to_uint8(frames), S, S)  # (F, 3, 384, 384)
-            out.append(normalize(x, self.video))
-        if len({v.shape[0] for v in out}) > 1:
-            raise ValueError(
-                f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
-            )
-        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 384, 384)
-
-    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        """`images`: in the order of the <image> placeholders, flat or one list per row. A row with one image
-        gets the anyres tiles; a row with several gets one square tile per image (the released model's
-        rule; transformers decides from how the list is nested)."""
-        texts, videos = common.as_list(text), common.as_list(videos)
-        images = [im for row in common.as_list(images) for im in common.as_list(row)]  # flat
-        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
-        per_row = [t.count(IMAGE_TOKEN) for t in texts]
-        out, per_image, per_video = {}, [], []
-        if images:
-            several = [n > 1 for n in per_row for _ in range(n)]  # is the image one of several in its row?
-            pixels, sizes = [], []
-            for image, s in zip(images, several, strict=True):
-                x = common.image_to_uint8(image)  # (3, H, W)
-                sizes.append(list(x.shape[-2:]))
-                pixels.append(square_tile(x, self.image) if s else anyres_tiles(x, self.image))
-                per_image.append(self.image.grid**2 + 1 if s else self.image.layout(*sizes[-1]).tokens)
-            n_max = max(len(p) for p in pixels)  # pad with zero tiles to the longest image, as transformers
-            pixels = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, n_max - len(p))) for p in pixels]
-            out["pixel_values"] = torch.stack(pixels)  # (images, max tiles, 3, 384, 384)
-            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)  # (images, 2) as (H, W)
-            out["batch_num_images"] = torch.tensor([n for n in per_row if n], dtype=torch.long)
-        if videos:
-            out.update(self.preprocess_videos(videos))
-            n_frames = out["pixel_values_videos"].shape[1]
-            per_video = [n_frames * math.ceil(self.video.grid / 2) ** 2 + 1] * len(videos)  # + 1 newline
-        tokens = {IMAGE_TOKEN: per_image, VIDEO_TOKEN: per_video}
-        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
-        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
 
 # ==========================================================================================================
@@ -503,8 +406,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): the same angle for every head
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
@@ -543,6 +446,11 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def new_caches(self, B: int, S_max: int, like: torch.Tensor) -> list[KVCache]:
+        """One empty static cache per layer, (B, Hkv, S_max, Dh), on the device and in the dtype of `like`."""
+        Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.hidden_size // self.cfg.num_attention_heads
+        return [KVCache(B, Hkv, S_max, Dh, like.device, like.dtype) for _ in self.layers]
+
     def forward(self, x, pos, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
         cos, sin = rope_cos_sin(pos.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
@@ -574,24 +482,33 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
-# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
-# does, its output shape in the legend).
-STAGES = [
-    ("vision_tower.embeddings", "SigLIP patch embedding of every tile", "(n, N, Dv)"),
-    ("vision_tower.encoder.layers.0", "SigLIP layer 1 (within each tile)", "(n, N, Dv)"),
-    ("multi_modal_projector", "2-layer MLP projector -> decoder width", "(n, N, D)"),
-    ("language_model.embed_tokens", "token embeddings (packed features written over <image>)", "(B, T, D)"),
-    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
-    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
-    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
-    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
-    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
-    ("lm_head", "logits", "(B, T, V)"),
-]
+def pack_anyres(f: torch.Tensor, lay: AnyresLayout, newline: torch.Tensor) -> torch.Tensor:
+    """An image alone in its row: f (1 + rows*cols, G*G, D) projected tile features -> (tokens, D): the base
+    tile, then the stitched, unpadded, maybe shrunk map row by row, a learned newline after each row."""
+    (rows, cols), G, D = lay.tiles, math.isqrt(f.shape[1]), f.shape[-1]
+    m = f[1:].view(rows, cols, G, G, D).permute(4, 0, 2, 1, 3).reshape(D, rows * G, cols * G)  # (D, h, w)
+    r, c = lay.crop_rows, lay.crop_cols
+    m = m[:, r : m.shape[1] - r, c : m.shape[2] - c]  # unpad: (D, ch, cw)
+    if lay.size != lay.cropped:  # more than max_tiles' worth: shrink (bilinear, no antialias)
+        m = F.interpolate(m[None], size=lay.size, mode="bilinear", align_corners=False)[0]  # (D, rh, rw)
+    newlines = newline.to(m.dtype)[:, None, None].expand(D, m.shape[1], 1)  # (D, rh, 1)
+    m = torch.cat([m, newlines], dim=2)  # (D, rh, rw + 1)
+    return torch.cat([f[0], m.flatten(1).T])  # (G*G + rh * (rw + 1), D)
+
+
+def pack_video(x: torch.Tensor, V: int, newline: torch.Tensor) -> torch.Tensor:
+    """(V*F, G*G, D) projected frame features -> (V, F * g * g + 1, D): each frame's G x G map shrunk to
+    g x g, g = ceil(G / 2) = 14 (bilinear), the frames one after another, one newline at the very end."""
+    n, G, D = x.shape[0], math.isqrt(x.shape[1]), x.shape[-1]
+    x = x.view(n, G, G, D).permute(0, 3, 1, 2)  # (V*F, D, G, G)
+    g = math.ceil(G / 2)  # 14
+    x = F.interpolate(x, size=(g, g), mode="bilinear", align_corners=False)  # (V*F, D, 14, 14)
+    x = x.permute(0, 2, 3, 1).reshape(V, -1, D)  # (V, F * 14 * 14, D)
+    return torch.cat([x, newline.to(x.dtype).expand(V, 1, D)], dim=1)  # (V, F * 196 + 1, D)
 
 
 class LlavaOnevision(nn.Module):
-    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+    quantized_parts = ("language_model", "lm_head")  # what quant.quantize may store in 8 or 4 bits
 
     def __init__(self, cfg: LlavaOnevisionConfig):
         super().__init__()
@@ -614,63 +531,36 @@ class LlavaOnevision(nn.Module):
         c = self.cfg
         return anyres_layout(H, W, c.image_grid_pinpoints, c.vision_config.image_size, self.grid, c.max_tiles)
 
-    def pack_anyres(self, f: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """One single-image sample: f (1 + rows*cols, 729, D) projected tile features -> (tokens, D): the base
-        tile, then the stitched, unpadded, maybe shrunk map row by row, a newline after each row."""
-        lay = self.layout(H, W)
-        (rows, cols), G, D = lay.tiles, self.grid, f.shape[-1]
-        m = f[1:].view(rows, cols, G, G, D).permute(4, 0, 2, 1, 3).reshape(D, rows * G, cols * G)  # (D, h, w)
-        r, c = lay.crop_rows, lay.crop_cols
-        m = m[:, r : m.shape[1] - r, c : m.shape[2] - c]  # unpad: (D, ch, cw)
-        if lay.size != lay.cropped:  # more than max_tiles' worth: shrink (bilinear, no antialias)
-            m = F.interpolate(m[None], size=lay.size, mode="bilinear", align_corners=False)[0]  # (D, rh, rw)
-        newline = self.image_newline.to(m.dtype)[:, None, None].expand(D, m.shape[1], 1)  # (D, rh, 1)
-        m = torch.cat([m, newline], dim=2)  # (D, rh, rw + 1)
-        return torch.cat([f[0], m.flatten(1).T])  # (729 + rh * (rw + 1), D)
+    def layouts(self, image_sizes, batch_num_images=None) -> list[AnyresLayout | None]:
+        """Per image: its anyres layout when it is alone in its row, None when it is one of several (then it
+        is one square tile). NOTE: index metadata, read on the host: the tiles are laid out in Python."""
+        counts = [1] * len(image_sizes) if batch_num_images is None else batch_num_images.tolist()
+        alone = [n == 1 for n in counts for _ in range(n)]
+        return [
+            self.layout(H, W) if a else None for a, (H, W) in zip(alone, image_sizes.tolist(), strict=True)
+        ]
 
     def image_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
         """Per image (tokens, D): anyres packing for an image alone in its row, else its one square tile
         (729 features) and a newline. All tiles of all images go through the tower in one batch."""
-        sizes = image_sizes.tolist()  # NOTE: index metadata, read on the host: tiles are laid out in Python
-        counts = [1] * len(sizes) if batch_num_images is None else batch_num_images.tolist()
-        several = [n > 1 for n in counts for _ in range(n)]
-        n_tiles = [
-            1 if s else math.prod(self.layout(H, W).tiles) + 1
-            for s, (H, W) in zip(several, sizes, strict=True)
-        ]
+        layouts = self.layouts(image_sizes, batch_num_images)
+        n_tiles = [1 if lay is None else math.prod(lay.tiles) + 1 for lay in layouts]
         tiles = torch.cat([px[:n] for px, n in zip(pixel_values, n_tiles, strict=True)])  # (sum n, 3, S, S)
         feats = self.multi_modal_projector(self.vision_tower(tiles)).split(n_tiles)  # (n, 729, D) each
-        out = []
-        for f, s, (H, W) in zip(feats, several, sizes, strict=True):
-            if s:  # one square tile: its 729 features, then a newline
-                out.append(torch.cat([f[0], self.image_newline[None].to(f.dtype)]))  # (730, D)
-            else:
-                out.append(self.pack_anyres(f, H, W))  # (tokens, D)
-        return out
+        newline = self.image_newline[None].to(feats[0].dtype)  # (1, D): after a square tile's 729 features
+        return [  # each (tokens, D)
+            torch.cat([f[0], newline]) if lay is None else pack_anyres(f, lay, self.image_newline)
+            for f, lay in zip(feats, layouts, strict=True)
+        ]
 
     def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """(videos, F, 3, S, S) -> (videos, F * 14 * 14 + 1, D): each frame's 27x27 features shrunk to 14x14
         (bilinear, after the projector), the frames one after another, one newline at the very end."""
-        V, Fr = pixel_values_videos.shape[:2]
-        G = self.grid
         x = self.multi_modal_projector(self.vision_tower(pixel_values_videos.flatten(0, 1)))  # (V*F, G*G, D)
-        D = x.shape[-1]
-        x = x.view(V * Fr, G, G, D).permute(0, 3, 1, 2)  # (V*F, D, G, G)
-        g = math.ceil(G / 2)  # 14
-        x = F.interpolate(x, size=(g, g), mode="bilinear", align_corners=False)  # (V*F, D, 14, 14)
-        x = x.permute(0, 2, 3, 1).reshape(V, -1, D)  # (V, F * 14 * 14, D)
-        return torch.cat([x, self.image_newline.to(x.dtype).expand(V, 1, D)], dim=1)  # (V, F * 196 + 1, D)
+        return pack_video(x, pixel_values_videos.shape[0], self.image_newline)  # (V, F * 196 + 1, D)
 
     def video_tokens(self, n_frames: int) -> int:
         return n_frames * math.ceil(self.grid / 2) ** 2 + 1  # 14 x 14 per frame + one newline
-
-    def expected_tokens(self, image_sizes, batch_num_images) -> list[int]:
-        counts = [1] * len(image_sizes) if batch_num_images is None else batch_num_images.tolist()
-        several = [n > 1 for n in counts for _ in range(n)]
-        return [
-            self.grid**2 + 1 if s else self.layout(H, W).tokens
-            for s, (H, W) in zip(several, image_sizes.tolist(), strict=True)
-        ]
 
     def embed(
         self, input_ids, pixel_values=None, image_sizes=None, batch_num_images=None, pixel_values_videos=None
@@ -679,19 +569,12 @@ class LlavaOnevision(nn.Module):
         The placeholder counts are checked against the images' sizes before the vision tower runs."""
         x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         is_image, is_video = input_ids == self.cfg.image_token_id, input_ids == self.cfg.video_token_id
-        per_image = [] if pixel_values is None else self.expected_tokens(image_sizes, batch_num_images)
-        per_video = []
-        if pixel_values_videos is not None:  # every video of a call has the same number of frames
-            V, Fr = pixel_values_videos.shape[:2]
-            per_video = [self.video_tokens(Fr)] * V
-        for what, is_pad, need in (("image", is_image, per_image), ("video", is_video, per_video)):
-            if int(is_pad.sum()) != sum(need):
-                raise ValueError(
-                    f"the prompt has {int(is_pad.sum())} <{what}> tokens but the {what}s need {sum(need)} "
-                    f"({', '.join(map(str, need)) or 'none'} per {what}"
-                    + (f"; image sizes {image_sizes.tolist()}" if what == "image" and need else "")
-                    + "): pass the processor's output unchanged"
-                )
+        layouts = [] if pixel_values is None else self.layouts(image_sizes, batch_num_images)
+        per_image = [self.grid**2 + 1 if lay is None else lay.tokens for lay in layouts]
+        sizes = f"{per_image} for the image sizes {image_sizes.tolist()}" if per_image else ""
+        common.check_feature_count("image", "<image>", is_image, sum(per_image), sizes)
+        V, Fr = (0, 0) if pixel_values_videos is None else pixel_values_videos.shape[:2]  # one F for all
+        common.check_feature_count("video", "<video>", is_video, V * self.video_tokens(Fr))
         if pixel_values is not None:
             feats = self.image_features(pixel_values.to(x.dtype), image_sizes, batch_num_images)
             x = x.masked_scatter(is_image[..., None], torch.cat(feats).to(x.dtype))  # (B, T, D)
@@ -701,14 +584,9 @@ class LlavaOnevision(nn.Module):
         return x
 
     def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_sizes=None,
-        batch_num_images=None,
+        self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
         pixel_values_videos=None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # fmt: skip
         """The full forward pass without a cache: logits (B, T, V). Differentiable.
         Inputs, as the processor returns them: input_ids, attention_mask (B, T); pixel_values (n_images,
         max tiles, 3, 384, 384), image_sizes (n_images, 2) as (H, W), batch_num_images (rows with images,);
@@ -727,76 +605,153 @@ class LlavaOnevision(nn.Module):
         empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
         row's last token at T-1."""
         h = self.language_model(x, pos, mask, caches, 0)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
         It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
-        s = torch.arange(keep.shape[1], device=keep.device)
-        mask = (keep & (s <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
+        slots = torch.arange(keep.shape[1], device=keep.device)
+        mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_sizes=None,
-        batch_num_images=None,
-        pixel_values_videos=None,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_ids: list[int] | int | None = None,
-        streamer=None,
-        compile: bool = False,
-        details: bool = False,
-    ) -> torch.Tensor | common.Generation:
+        self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
+        pixel_values_videos=None, *,
+        max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None,
+        eos_token_ids: list[int] | int | None = None, streamer=None, compile: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
-        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's."""
         # 1. settings and checks
-        attention_mask = common.left_padded_mask(input_ids, attention_mask)
-        B, T = input_ids.shape
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos
         )
-        tc = self.cfg.text_config
-        common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        limit = self.cfg.text_config.max_position_embeddings
+        attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer, limit)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
         # 3. prefill: the whole prompt into a static cache
-        S_max = common.cache_length(T, max_new_tokens)
-        Hkv, Dh = tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads
-        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
+        caches = self.language_model.new_caches(B, S_max, x)
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        common.check_finite(first, x.dtype)
-        # 4. decode, one token per step
-        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
-        next_slot = torch.full((1,), T, device=x.device)
+        # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
+        n_real, next_slot = attention_mask.sum(1, keepdim=True), torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
-            return decode_step(token, n_real + i, next_slot + i, keep, caches)
-
-        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
-        gen = common.generate_loop(
-            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
-        )
-        return gen if details else gen.tokens
+        step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
+        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
+        return common.decode(first, step, *args)
 
 
 # ==========================================================================================================
-# 7. Weights
+# 7. The processor: chat template, media -> tensors, placeholders
+# ==========================================================================================================
+
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+
+
+class Processor:
+    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
+    LlavaOnevisionProcessor: input_ids, attention_mask, pixel_values (images, max tiles, 3, 384, 384),
+    image_sizes (images, 2) as (H, W), batch_num_images, pixel_values_videos (videos, F, 3, 384, 384)."""
+
+    def __init__(self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig):
+        self.tokenizer, self.image, self.video = tokenizer, image, video
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
+        self.pad_token_id = tokenizer.token_id("<|endoftext|>")
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from preprocessor_config.json + processor_config.json (published repos) or the nested
+        processor_config.json (transformers 5). Without a video config the image values are used."""
+        p, image_d, video_d = common.read_processor_configs(ckpt)
+        extra = (p.get("num_image_tokens", 729), p.get("vision_aspect_ratio", "anyres_max_9"))
+        video_d = image_d if video_d is None else video_d
+        image, video = (VisionInputConfig.from_hf(d, *extra) for d in (image_d, video_d))
+        return Processor(common.Tokenizer(ckpt / "tokenizer.json"), image, video)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """What the llava-hf chat template renders, a string `content` read as one text item (the template
+        renders nothing for it). Per message: "<|im_start|>" + role + " ", every image item as <image> and
+        every video item as <video> (wherever they are among the text items), each text item after a "\\n",
+        "<|im_end|>". Example: <|im_start|>user <image>\\nWhat is shown?<|im_end|><|im_start|>assistant\\n"""
+        out = []
+        for m in messages:
+            content = m["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            out.append(f"<|im_start|>{m['role']} ")
+            out += [IMAGE_TOKEN for it in items if it.get("type") == "image"]
+            out += [VIDEO_TOKEN for it in items if it.get("type") == "video"]
+            out += ["\n" + it["text"] for it in items if it.get("type") == "text"]
+            out.append("<|im_end|>")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None):
+        """A video file -> media.Video: `num_frames` frames sampled uniformly (default 8, as the model card),
+        or `fps` per second; never every frame by accident."""
+        import media  # PyAV decoding: only for video files
+
+        return media.load_video(path, num_frames=num_frames or (None if fps else 8), fps=fps)
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        out = []
+        for video in videos:
+            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
+            S = self.video.size
+            x = resize_uint8(common.frames_to_uint8(frames), S, S)  # (F, 3, 384, 384)
+            out.append(normalize(x, self.video))
+        if len({v.shape[0] for v in out}) > 1:
+            raise ValueError(
+                f"videos in one call must have the same number of frames: {[len(v) for v in out]}"
+            )
+        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 384, 384)
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        """`images`: in the order of the <image> placeholders, flat or one list per row. A row with one image
+        gets the anyres tiles; a row with several gets one square tile per image (the released model's
+        rule; transformers decides from how the list is nested)."""
+        texts, videos = common.as_list(text), common.as_list(videos)
+        images = [im for row in common.as_list(images) for im in common.as_list(row)]  # flat
+        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
+        per_row = [t.count(IMAGE_TOKEN) for t in texts]
+        out, per_image, per_video = {}, [], []
+        if images:
+            several = [n > 1 for n in per_row for _ in range(n)]  # is the image one of several in its row?
+            pixels, sizes = [], []
+            for image, many in zip(images, several, strict=True):
+                x = common.image_to_uint8(image)  # (3, H, W)
+                sizes.append(list(x.shape[-2:]))
+                pixels.append(square_tile(x, self.image) if many else anyres_tiles(x, self.image))
+                per_image.append(self.image.grid**2 + 1 if many else self.image.layout(*sizes[-1]).tokens)
+            n_max = max(len(p) for p in pixels)  # pad with zero tiles to the longest image, as transformers
+            pixels = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, n_max - len(p))) for p in pixels]
+            out["pixel_values"] = torch.stack(pixels)  # (images, max tiles, 3, 384, 384)
+            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)  # (images, 2) as (H, W)
+            out["batch_num_images"] = torch.tensor([n for n in per_row if n], dtype=torch.long)
+        if videos:
+            out.update(self.preprocess_videos(videos))
+            n_frames = out["pixel_values_videos"].shape[1]
+            per_video = [n_frames * math.ceil(self.video.grid / 2) ** 2 + 1] * len(videos)  # + 1 newline
+        tokens = {IMAGE_TOKEN: per_image, VIDEO_TOKEN: per_video}
+        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+
+# ==========================================================================================================
+# 8. Weights
 # ==========================================================================================================
 
 
@@ -811,10 +766,8 @@ def config_from_hf(d: dict) -> LlavaOnevisionConfig:
     aspect = d.get("vision_aspect_ratio", "anyres_max_9")
     if not re.fullmatch(r"anyres_max_\d+", aspect):
         raise ValueError(f"vision_aspect_ratio={aspect!r}: llava_onevision.py implements anyres_max_N only")
-    if (
-        d.get("projector_hidden_act", "gelu") != "gelu"
-        or d.get("multimodal_projector_bias", True) is not True
-    ):
+    act, bias = d.get("projector_hidden_act", "gelu"), d.get("multimodal_projector_bias", True)
+    if act != "gelu" or bias is not True:
         raise ValueError("the projector must be Linear-GELU-Linear with biases, as released")
     rope = t.get("rope_parameters") or {}
     text = TextConfig(
@@ -862,20 +815,19 @@ def rename(key: str) -> str | None:
     return re.sub(r"^language_model\.model\.", "language_model.", key)
 
 
-def load(
-    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
-) -> tuple[LlavaOnevision, Processor]:
+def load(name_or_path=DEFAULT, device=None, dtype=None, quantize=None) -> tuple[LlavaOnevision, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
-    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
+    ("int8" or "int4") stores the decoder's linear layers in 8 or 4 bits as they load (quant.py)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    raw = common.read_config(ckpt, "llava_onevision", "llava_onevision.py")
-    cfg = common.checked_config(config_from_hf, raw, ckpt / "config.json")
+    raw, cfg = common.read_config(ckpt, "llava_onevision", config_from_hf)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = LlavaOnevision(cfg)
     if quantize:
-        common.quantize(model, quantize, device=device, dtype=dtype)
+        import quant  # the int8/int4 layers: only when asked for
+
+        quant.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt)
@@ -888,8 +840,23 @@ def load(
 
 
 # ==========================================================================================================
-# 8. Command line
+# 9. Command line
 # ==========================================================================================================
+
+# The data's path through the model, for --explain and the notebooks (cli.record_shapes hooks each stage):
+# (submodule, what it does, its output shape in the legend). Not part of the architecture.
+STAGES = [
+    ("vision_tower.embeddings", "SigLIP patch embedding of every tile", "(n, N, Dv)"),
+    ("vision_tower.encoder.layers.0", "SigLIP layer 1 (within each tile)", "(n, N, Dv)"),
+    ("multi_modal_projector", "2-layer MLP projector -> decoder width", "(n, N, D)"),
+    ("language_model.embed_tokens", "token embeddings (packed features written over <image>)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,11 +24,12 @@ Worked example (paligemma-3b-mix-224): a 480x640 photo -> resized to 224x224 -> 
 of "<image>" * 256 + "<bos>caption en\\n". Positions run 1..260; the answer starts at position 261.
 
 Where things are (section: what to read first):
-  1 config: PaliGemmaConfig                  2 preprocessing: resize_and_normalize, build_prompt, Processor,
-    parse_boxes                              3 vision tower: SiglipVisionTower    4 projector: Projector
+  1 config: PaliGemmaConfig                  2 pixel maths: resize_and_normalize (a square, no tiles)
+  3 vision tower: SiglipVisionTower          4 projector: Projector
   5 decoder: rope_cos_sin, attend (soft-cap), Attention, DecoderLayer (Gemma / Gemma2 branches)
   6 the VLM: prefix_lm_mask, PaliGemma.embed / forward (loss) / prefill / decode_step / generate
-  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
+  7 the processor: build_prompt, Processor, parse_boxes    8 weights: config_from_hf, rename, load
+  9 command line: STAGES (for --explain), main (cli.py)
 
 Papers: "PaliGemma: A versatile 3B VLM for transfer" (arXiv 2407.07726), "PaliGemma 2" (arXiv 2412.03555).
 Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemma2/`.
@@ -36,7 +37,6 @@ Matches transformers 5.23 `models/paligemma/` with `siglip/`, `gemma/` and `gemm
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import common
 
@@ -118,12 +117,9 @@ class PaliGemmaConfig:
 
 
 # ==========================================================================================================
-# 2. Preprocessing and prompt
+# 2. Pixel maths: one square image
 # ==========================================================================================================
 
-IMAGE_TOKEN = "<image>"
-# The first word of the task prefixes the mix checkpoints were trained on ("caption en", "answer en ...").
-TASK_WORDS = ("caption", "cap", "describe", "ocr", "answer", "question", "detect", "segment")
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's numbers, as preprocessor_config.json stores them
 
 
@@ -159,117 +155,6 @@ def resize_and_normalize(image, cfg: ImageInputConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
     std = torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0  # (3, 1, 1)
     return (x[0].float() - mean) / std  # (3, S, S) float32
-
-
-def build_prompt(prefix: str, n_images: int = 1, bos: str = "<bos>") -> str:
-    """The PaliGemma input format: <image> x n, then <bos>, the task prefix and a newline (nothing between
-    the image tokens and <bos>). Example: "<image><bos>caption en\\n"; each <image> is later expanded to
-    image_seq_length copies. The answer follows the newline."""
-    return IMAGE_TOKEN * n_images + bos + prefix + "\n"
-
-
-class Processor:
-    """Text + images (+ a suffix for fine-tuning) -> the model's inputs, with the same keys and layouts as
-    transformers' PaliGemmaProcessor: input_ids, attention_mask, token_type_ids (0 prefix, 1 suffix),
-    pixel_values, and labels when a suffix is given."""
-
-    def __init__(self, tokenizer: common.Tokenizer, image: ImageInputConfig):
-        self.tokenizer, self.image = tokenizer, image
-        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
-        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
-        self.bos_token_id = tokenizer.token_id("<bos>")
-        self.eos_token_id = tokenizer.token_id("<eos>")
-        self.pad_token_id = tokenizer.token_id("<pad>")
-
-    @staticmethod
-    def from_dir(ckpt: Path) -> Processor:
-        """Settings from preprocessor_config.json (published) or processor_config.json (transformers 5)."""
-        image_d = common.read_processor_configs(ckpt)[1]
-        return Processor(common.Tokenizer(ckpt / "tokenizer.json"), ImageInputConfig.from_hf(image_d))
-
-    def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
-        x = torch.stack([resize_and_normalize(im, self.image) for im in images])  # (images, 3, 224, 224)
-        return {"pixel_values": x}
-
-    def __call__(self, text=None, images=None, suffix=None, padding_side: str = "left"):
-        """`text`: one prompt or one per row. Without <image> in it, each row gets the format of
-        `build_prompt` with its images (`images` then holds one image, or one list of images, per row). With
-        <image> placeholders, <bos> goes right after the last one and "\\n" at the end, as transformers does.
-        `suffix`: the expected answer for fine-tuning; it is appended with <eos> and becomes `labels`."""
-        if images is None:
-            raise ValueError("PaliGemma needs an image with every prompt (pass images=...)")
-        texts = [""] if text is None else common.as_list(text)
-        if not texts:
-            raise ValueError("no prompts: give text= a string or a non-empty list of strings")
-        images = common.as_list(images)
-        rows = []
-        if not any(IMAGE_TOKEN in t for t in texts):
-            per_row = [common.as_list(im) for im in images]
-            if len(per_row) != len(texts):
-                raise ValueError(
-                    f"{len(images)} images for {len(texts)} prompts: give one image (or one list "
-                    "of images) per prompt, or put <image> placeholders in the prompts"
-                )
-            if not all(per_row):
-                raise ValueError("PaliGemma needs an image with every prompt: a prompt's image is None or []")
-            for t in texts:
-                if t.split(" ", 1)[0] not in TASK_WORDS:
-                    warnings.warn(
-                        f"prompt {t!r} has no task prefix: the mix checkpoints expect one such as "
-                        "'caption en', 'answer en <question>', 'detect <object>' or 'ocr'",
-                        stacklevel=2,
-                    )
-            rows = [build_prompt(t, len(ims)) for t, ims in zip(texts, per_row, strict=True)]
-            images = [im for ims in per_row for im in ims]
-        else:
-            images = [im for item in images for im in common.as_list(item)]  # flat, or one list per row
-            common.check_placeholders(texts, {IMAGE_TOKEN: images}, "or none: build_prompt adds them")
-            for t in texts:
-                end = t.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
-                rows.append(t[:end] + "<bos>" + t[end:] + "\n")
-        expand = IMAGE_TOKEN * self.image.image_seq_length
-        ids = [self.tokenizer.encode(r.replace(IMAGE_TOKEN, expand)) for r in rows]
-        types = [[0] * len(x) for x in ids]
-        if suffix is not None:
-            suffixes = common.as_list(suffix)
-            if len(suffixes) != len(ids) or not all(isinstance(x, str) for x in suffixes):
-                raise ValueError(f"suffix: one answer string per prompt ({len(ids)}), not {suffix!r:.50}")
-            for b, s in enumerate(suffixes):
-                answer = self.tokenizer.encode(s) + [self.eos_token_id]
-                ids[b], types[b] = ids[b] + answer, types[b] + [1] * len(answer)
-        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
-        token_type_ids, _ = common.pad_batch(types, 0, padding_side)
-        out = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
-        out.update(self.preprocess_images(images))
-        if suffix is not None:
-            out["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)  # loss on the answer only
-        return out
-
-
-LOC_BOX = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;<]*)")
-
-
-def parse_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float]]]:
-    """Detection output -> [(label, (x0, y0, x1, y1)) in pixels of the original image].
-    The model answers "detect cat ; dog" with "<loc0212><loc0096><loc0870><loc0540> cat ; <loc...>... dog":
-    four tokens per box in the order y0, x0, y1, x1, each a coordinate on a 0-1023 grid over the (squashed)
-    image, so a value v maps back to v / 1024 of the image's side. Segmentation answers add 16 <segDDD> codes
-    per mask, which need a VQ-VAE decoder that the checkpoints do not include: out of scope here."""
-    boxes = []
-    for y0, x0, y1, x1, label in LOC_BOX.findall(text):
-        y0, y1 = sorted((int(y0) / 1024 * height, int(y1) / 1024 * height))  # corners in order, whatever
-        x0, x1 = sorted((int(x0) / 1024 * width, int(x1) / 1024 * width))  # order the model wrote them in
-        boxes.append((label.strip(), (x0, y0, x1, y1)))
-    return boxes
-
-
-def draw_boxes(image: Image.Image, boxes, path: str) -> None:
-    image = image.copy()
-    draw = ImageDraw.Draw(image)
-    for label, box in boxes:
-        draw.rectangle(box, outline=(255, 0, 0), width=max(2, image.width // 200))
-        draw.text((box[0] + 3, box[1] + 2), label, fill=(255, 0, 0))
-    image.save(path)
 
 
 # ==========================================================================================================
@@ -419,11 +304,11 @@ def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
     if softcap is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
-        s = (q @ k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
-        s = softcap * torch.tanh(s / softcap)
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
+        scores = softcap * torch.tanh(scores / softcap)
         if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        y = s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+            scores = scores.masked_fill(~mask, float("-inf"))
+        y = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
     return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
@@ -469,8 +354,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): the same angle for every head
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, window_mask if self.slides else mask, self.scale, self.softcap)  # (B, H, T, Dh)
@@ -525,6 +410,11 @@ class GemmaModel(nn.Module):
             self.cfg.hidden_size**0.5, dtype=w.dtype, device=w.device
         )
 
+    def new_caches(self, B: int, S_max: int, like: torch.Tensor) -> list[KVCache]:
+        """One empty static cache per layer, (B, Hkv, S_max, Dh), on the device and in the dtype of `like`."""
+        Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.head_dim
+        return [KVCache(B, Hkv, S_max, Dh, like.device, like.dtype) for _ in self.layers]
+
     def forward(self, x, pos, masks, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T), masks (mask, window_mask) of (B, 1, T, S) -> (B, T, D)"""
         cos, sin = rope_cos_sin(pos.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
@@ -569,25 +459,8 @@ def prefix_lm_mask(keep, prefix, T: int, offset: int = 0, window: int | None = N
     return (((causal | both_prefix) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
-# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
-# does, its output shape in the legend).
-STAGES = [
-    ("vision_tower.embeddings", "SigLIP patch embedding + learned positions", "(n, N, Dv)"),
-    ("vision_tower.encoder.layers.0", "SigLIP layer 1 (bidirectional)", "(n, N, Dv)"),
-    ("vision_tower.post_layernorm", "final LayerNorm of the tower", "(n, N, Dv)"),
-    ("multi_modal_projector", "linear projector -> decoder width", "(n, N, D)"),
-    ("language_model.embed_tokens", "token embeddings (before the sqrt(D) scale)", "(B, T, D)"),
-    ("language_model", "decoder stack <- embeddings, positions (B, T), prefix-LM masks", "(B, T, D)"),
-    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
-    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads", "(B, T, Hkv*Dh)"),
-    ("language_model.layers.0", "decoder layer 1 (prefix-LM attention + GeGLU)", "(B, T, D)"),
-    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
-    ("lm_head", "logits", "(B, T, V)"),
-]
-
-
 class PaliGemma(nn.Module):
-    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+    quantized_parts = ("language_model", "lm_head")  # what quant.quantize may store in 8 or 4 bits
 
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
@@ -608,11 +481,7 @@ class PaliGemma(nn.Module):
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # (B, T, D)
         vc = self.cfg.vision_config
         need = 0 if pixel_values is None else pixel_values.shape[0] * (vc.image_size // vc.patch_size) ** 2
-        if int(is_image.sum()) != need:
-            raise ValueError(
-                f"the prompt has {int(is_image.sum())} <image> tokens but the images give {need} features: "
-                "pass the processor's output unchanged"
-            )
+        common.check_feature_count("image", "<image>", is_image, need)
         if pixel_values is not None:
             feats = self.multi_modal_projector(self.vision_tower(pixel_values.to(x.dtype)))  # (n_img, N, D)
             x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))  # NOTE: no sqrt(D) on image features
@@ -664,81 +533,172 @@ class PaliGemma(nn.Module):
         empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
         row's last token at T-1."""
         h = self.language_model(x, pos, masks, caches, 0)
-        return self.logits(h[:, -1]).float()
+        return self.logits(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
         It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
-        s, w = torch.arange(keep.shape[1], device=keep.device), self.cfg.text_config.window
+        slots, w = torch.arange(keep.shape[1], device=keep.device), self.cfg.text_config.window
         # A generated token is causal (outside the prefix block) and never sees padding.
-        mask = (keep & (s <= slot))[:, None, None]  # (B, 1, 1, S_max)
-        window_mask = None if w is None else mask & in_window(slot, s, w)  # (B, 1, 1, S_max)
+        mask = (keep & (slots <= slot))[:, None, None]  # (B, 1, 1, S_max)
+        window_mask = None if w is None else mask & in_window(slot, slots, w)  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed(token), pos, (mask, window_mask), caches, slot)
-        return self.logits(h[:, -1]).float()
+        return self.logits(h[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        pixel_values=None,
-        labels=None,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_ids: list[int] | int | None = None,
-        streamer=None,
-        compile: bool = False,
-        details: bool = False,
-    ) -> torch.Tensor | common.Generation:
+        self, input_ids, attention_mask=None, token_type_ids=None, pixel_values=None, labels=None, *,
+        max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None,
+        eos_token_ids: list[int] | int | None = None, streamer=None, compile: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
         """New tokens (B, N). Prefill once (image + prompt, prefix-LM mask) into a static cache, then one
         causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
-        is. details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        is. `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's."""
         # 1. settings and checks
-        attention_mask = common.left_padded_mask(input_ids, attention_mask)
-        B, T = input_ids.shape
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos
         )
-        tc = self.cfg.text_config
-        common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        limit = self.cfg.text_config.max_position_embeddings
+        attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer, limit)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values)
-        # 3. prefill: the whole prompt into a static cache
-        S_max = common.cache_length(T, max_new_tokens)
-        Hkv, Dh = tc.num_key_value_heads, tc.head_dim
-        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        # 3. prefill: the whole prompt into a static cache, the prefix block (token type 0) seeing itself
+        (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
+        caches = self.language_model.new_caches(B, S_max, x)
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
-        prefix = F.pad(token_type_ids == 0, (0, S_max - T))  # (B, S_max): generated tokens are not prefix
-        pos = attention_mask.long().cumsum(-1)  # (B, T), 1-based
-        first = self.prefill(x, pos, self.masks(keep[:, :T], prefix[:, :T], T), caches)  # (B, V)
-        common.check_finite(first, x.dtype)
-        # 4. decode, one token per step
-        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
-        next_slot = torch.full((1,), T, device=x.device)
+        prefix = torch.ones_like(keep[:, :T]) if token_type_ids is None else token_type_ids == 0  # (B, T)
+        pos = attention_mask.long().cumsum(-1)  # (B, T). NOTE: 1-based, the first real token at 1
+        first = self.prefill(x, pos, self.masks(keep[:, :T], prefix, T), caches)  # (B, V)
+        # 4. decode: causal tokens after the prefix; position and slot are tensors, so no recompiles
+        n_real, next_slot = attention_mask.sum(1, keepdim=True), torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
-            return decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # NOTE: 1-based positions
-
-        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
-        gen = common.generate_loop(
-            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
-        )
-        return gen if details else gen.tokens
+        step = lambda token, i: decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # 1-based
+        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
+        return common.decode(first, step, *args)
 
 
 # ==========================================================================================================
-# 7. Weights
+# 7. The processor: the prompt format, media -> tensors, detection boxes
+# ==========================================================================================================
+
+
+IMAGE_TOKEN = "<image>"
+# The first word of the task prefixes the mix checkpoints were trained on ("caption en", "answer en ...").
+TASK_WORDS = ("caption", "cap", "describe", "ocr", "answer", "question", "detect", "segment")
+
+
+def build_prompt(prefix: str, n_images: int = 1, bos: str = "<bos>") -> str:
+    """The PaliGemma input format: <image> x n, then <bos>, the task prefix and a newline (nothing between
+    the image tokens and <bos>). Example: "<image><bos>caption en\\n"; each <image> is later expanded to
+    image_seq_length copies. The answer follows the newline."""
+    return IMAGE_TOKEN * n_images + bos + prefix + "\n"
+
+
+class Processor:
+    """Text + images (+ a suffix for fine-tuning) -> the model's inputs, with the same keys and layouts as
+    transformers' PaliGemmaProcessor: input_ids, attention_mask, token_type_ids (0 prefix, 1 suffix),
+    pixel_values, and labels when a suffix is given."""
+
+    def __init__(self, tokenizer: common.Tokenizer, image: ImageInputConfig):
+        self.tokenizer, self.image = tokenizer, image
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.bos_token_id = tokenizer.token_id("<bos>")
+        self.eos_token_id = tokenizer.token_id("<eos>")
+        self.pad_token_id = tokenizer.token_id("<pad>")
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from preprocessor_config.json (published) or processor_config.json (transformers 5)."""
+        image_d = common.read_processor_configs(ckpt)[1]
+        return Processor(common.Tokenizer(ckpt / "tokenizer.json"), ImageInputConfig.from_hf(image_d))
+
+    def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
+        x = torch.stack([resize_and_normalize(im, self.image) for im in images])  # (images, 3, 224, 224)
+        return {"pixel_values": x}
+
+    def __call__(self, text=None, images=None, suffix=None, padding_side: str = "left"):
+        """`text`: one prompt or one per row. Without <image> in it, each row gets the format of
+        `build_prompt` with its images (`images` then holds one image, or one list of images, per row). With
+        <image> placeholders, <bos> goes right after the last one and "\\n" at the end, as transformers does.
+        `suffix`: the expected answer for fine-tuning; it is appended with <eos> and becomes `labels`."""
+        if images is None:
+            raise ValueError("PaliGemma needs an image with every prompt (pass images=...)")
+        texts = [""] if text is None else common.as_list(text)
+        if not texts:
+            raise ValueError("no prompts: give text= a string or a non-empty list of strings")
+        rows, images = self.prompts(texts, common.as_list(images))
+        expand = IMAGE_TOKEN * self.image.image_seq_length
+        ids = [self.tokenizer.encode(r.replace(IMAGE_TOKEN, expand)) for r in rows]
+        types = [[0] * len(x) for x in ids]
+        if suffix is not None:
+            suffixes = common.as_list(suffix)
+            if len(suffixes) != len(ids) or not all(isinstance(x, str) for x in suffixes):
+                raise ValueError(f"suffix: one answer string per prompt ({len(ids)}), not {suffix!r:.50}")
+            for b, answer in enumerate(suffixes):
+                answer_ids = self.tokenizer.encode(answer) + [self.eos_token_id]
+                ids[b], types[b] = ids[b] + answer_ids, types[b] + [1] * len(answer_ids)
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        token_type_ids, _ = common.pad_batch(types, 0, padding_side)
+        out = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        out.update(self.preprocess_images(images))
+        if suffix is not None:
+            out["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)  # loss on the answer only
+        return out
+
+    def prompts(self, texts: list[str], images: list) -> tuple[list[str], list]:
+        """The rows' prompt strings (before <image> is expanded) and their images, flat, in order."""
+        rows = []
+        if not any(IMAGE_TOKEN in t for t in texts):
+            per_row = [common.as_list(im) for im in images]
+            if len(per_row) != len(texts):
+                raise ValueError(
+                    f"{len(images)} images for {len(texts)} prompts: give one image (or one list "
+                    "of images) per prompt, or put <image> placeholders in the prompts"
+                )
+            if not all(per_row):
+                raise ValueError("PaliGemma needs an image with every prompt: a prompt's image is None or []")
+            for t in texts:
+                if t.split(" ", 1)[0] not in TASK_WORDS:
+                    warnings.warn(
+                        f"prompt {t!r} has no task prefix: the mix checkpoints expect one such as "
+                        "'caption en', 'answer en <question>', 'detect <object>' or 'ocr'",
+                        stacklevel=2,
+                    )
+            rows = [build_prompt(t, len(ims)) for t, ims in zip(texts, per_row, strict=True)]
+            images = [im for ims in per_row for im in ims]
+        else:
+            images = [im for item in images for im in common.as_list(item)]  # flat, or one list per row
+            common.check_placeholders(texts, {IMAGE_TOKEN: images}, "or none: build_prompt adds them")
+            for t in texts:
+                end = t.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+                rows.append(t[:end] + "<bos>" + t[end:] + "\n")
+        return rows, images
+
+
+LOC_BOX = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;<]*)")
+
+
+def parse_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Detection output -> [(label, (x0, y0, x1, y1)) in pixels of the original image].
+    The model answers "detect cat ; dog" with "<loc0212><loc0096><loc0870><loc0540> cat ; <loc...>... dog":
+    four tokens per box in the order y0, x0, y1, x1, each a coordinate on a 0-1023 grid over the (squashed)
+    image, so a value v maps back to v / 1024 of the image's side. Segmentation answers add 16 <segDDD> codes
+    per mask, which need a VQ-VAE decoder that the checkpoints do not include: out of scope here."""
+    boxes = []
+    for y0, x0, y1, x1, label in LOC_BOX.findall(text):
+        y0, y1 = sorted((int(y0) / 1024 * height, int(y1) / 1024 * height))  # corners in order, whatever
+        x0, x1 = sorted((int(x0) / 1024 * width, int(x1) / 1024 * width))  # order the model wrote them in
+        boxes.append((label.strip(), (x0, y0, x1, y1)))
+    return boxes
+
+
+# ==========================================================================================================
+# 8. Weights
 # ==========================================================================================================
 
 
@@ -788,11 +748,8 @@ def config_from_hf(d: dict) -> PaliGemmaConfig:
         layer_norm_eps=v.get("layer_norm_eps", 1e-6),
     )
     assert d.get("projection_dim", text.hidden_size) == text.hidden_size, "projector must output D"
-    return PaliGemmaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=d.get("image_token_index", d.get("image_token_id", 257152)),
-    )
+    image_token_id = d.get("image_token_index", d.get("image_token_id", 257152))
+    return PaliGemmaConfig(text_config=text, vision_config=vision, image_token_id=image_token_id)
 
 
 def rename(key: str) -> str | None:
@@ -806,20 +763,19 @@ def rename(key: str) -> str | None:
     return re.sub(r"^language_model\.model\.", "language_model.", key)
 
 
-def load(
-    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
-) -> tuple[PaliGemma, Processor]:
+def load(name_or_path=DEFAULT, device=None, dtype=None, quantize=None) -> tuple[PaliGemma, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
-    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
+    ("int8" or "int4") stores the decoder's linear layers in 8 or 4 bits as they load (quant.py)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    raw = common.read_config(ckpt, "paligemma", "paligemma.py")
-    cfg = common.checked_config(config_from_hf, raw, ckpt / "config.json")
+    raw, cfg = common.read_config(ckpt, "paligemma", config_from_hf)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = PaliGemma(cfg)
     if quantize:
-        common.quantize(model, quantize, device=device, dtype=dtype)
+        import quant  # the int8/int4 layers: only when asked for
+
+        quant.quantize(model, quantize, device=device, dtype=dtype)
     common.load_weights(
         model, ckpt, rename, device, dtype, {"lm_head.weight": "language_model.embed_tokens.weight"}
     )
@@ -840,19 +796,24 @@ def load(
 
 
 # ==========================================================================================================
-# 8. Command line
+# 9. Command line
 # ==========================================================================================================
 
-
-def check_output_image(path: str) -> None:
-    """Before loading: --draw-boxes must name a writable directory and an image format PIL writes."""
-    out = Path(path)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"--draw-boxes {path}: {folder} is not a directory this program can write to")
-    Image.init()
-    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
-        raise ValueError(f"--draw-boxes {path}: end the name in an image extension PIL writes, such as .png")
+# The data's path through the model, for --explain and the notebooks (cli.record_shapes hooks each stage):
+# (submodule, what it does, its output shape in the legend). Not part of the architecture.
+STAGES = [
+    ("vision_tower.embeddings", "SigLIP patch embedding + learned positions", "(n, N, Dv)"),
+    ("vision_tower.encoder.layers.0", "SigLIP layer 1 (bidirectional)", "(n, N, Dv)"),
+    ("vision_tower.post_layernorm", "final LayerNorm of the tower", "(n, N, Dv)"),
+    ("multi_modal_projector", "linear projector -> decoder width", "(n, N, D)"),
+    ("language_model.embed_tokens", "token embeddings (before the sqrt(D) scale)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), prefix-LM masks", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads", "(B, T, Hkv*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (prefix-LM attention + GeGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -874,7 +835,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.image:
         raise ValueError("PaliGemma needs an image: pass --image PATH")
     if a.draw_boxes:
-        check_output_image(a.draw_boxes)
+        cli.check_output_image(a.draw_boxes)
 
     model, processor = load(a.model, a.device, a.dtype, a.quantize)
     images, _ = cli.load_media(a, processor)
@@ -890,7 +851,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.draw_boxes:
         text = processor.decode(out[0], skip_special_tokens=False)
         boxes = parse_boxes(text, images[0].width, images[0].height)
-        draw_boxes(images[0], boxes, a.draw_boxes)
+        cli.draw_boxes(images[0], boxes, a.draw_boxes)
         cli.say(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}")
 
 

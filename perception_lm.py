@@ -22,12 +22,13 @@ unscaled-down) + the thumbnail = 36 x (3, 448, 448) -> PE (36, 1 + 1024, 1024) -
 (36, 1024, 2048) -> 2x2 pool -> 36 x 256 = 9216 tokens of width 2048.
 
 Where things are (section: what to read first):
-  1 config: PerceptionLMConfig               2 preprocessing: choose_tile_grid, thumb_and_tiles, Processor
+  1 config: PerceptionLMConfig               2 pixel maths: choose_tile_grid, thumb_and_tiles
   3 vision tower: pe_rope_angles, PEAttention, PerceptionEncoder
   4 projector: Projector (MLP, then 2x2 pooling)
   5 decoder: llama3_inv_freq, rope_cos_sin, attend (GQA), KVCache, Attention
   6 the VLM: PerceptionLM.media_features, embed / prefill / decode_step / generate
-  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
+  7 the processor: Processor (chat template, placeholders)   8 weights: config_from_hf, rename, load
+  9 command line: STAGES (for --explain), main (cli.py)
 
 Paper: "PerceptionLM: Open-Access Data and Models for Detailed Visual Understanding" (arXiv 2504.13180); the
 encoder: "Perception Encoder" (arXiv 2504.13181). Matches transformers 5.23 `models/perception_lm/` with its
@@ -110,7 +111,7 @@ class PerceptionLMConfig:
 
 
 # ==========================================================================================================
-# 2. Preprocessing and prompt
+# 2. Pixel maths: a thumbnail and a grid of tiles
 # ==========================================================================================================
 
 
@@ -129,9 +130,7 @@ class VisionInputConfig:
     @staticmethod
     def from_hf(d: dict) -> VisionInputConfig:
         if d.get("resample", 3) != 3:
-            raise ValueError(
-                f"resample={d['resample']} in the processor config: only bicubic (3) is supported"
-            )
+            raise ValueError(f"resample={d['resample']} in the processor config: only bicubic (3) is known")
         return VisionInputConfig(
             tile_size=d.get("tile_size", (d.get("size") or {}).get("height", 448)),
             max_num_tiles=d.get("max_num_tiles", 36),
@@ -201,105 +200,6 @@ def thumb_and_tiles(image, cfg: VisionInputConfig) -> torch.Tensor:
     tiles = big.view(3, rows, S, cols, S).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
     tiles = tiles.reshape(rows * cols, 3, S, S)  # (rows*cols, 3, S, S), row by row
     return normalize(torch.cat([thumb, tiles]), cfg)  # (1 + rows*cols, 3, S, S)
-
-
-IMAGE_TOKEN, VIDEO_TOKEN = "<|image|>", "<|video|>"
-DEFAULT_SYSTEM = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
-    "user provides, and assist the user with a variety of tasks using natural language."
-)
-
-
-class Processor:
-    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
-    PerceptionLMProcessor: input_ids, attention_mask, pixel_values (images, 1 + tiles, 3, 448, 448) and
-    pixel_values_videos (videos, F, 3, 448, 448)."""
-
-    def __init__(self, tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int, pool: int):
-        self.tokenizer, self.image, self.video, self.patch, self.pool = tokenizer, image, video, patch, pool
-        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
-        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
-        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
-        self.pad_token_id = tokenizer.token_id("<|end_of_text|>")
-
-    @staticmethod
-    def from_dir(ckpt: Path) -> Processor:
-        """Settings from preprocessor_config.json / video_preprocessor_config.json / processor_config.json as
-        the PLM repos ship them, or the nested processor_config.json of transformers 5."""
-        p, image_d, video_d = common.read_processor_configs(ckpt)
-        video = VisionInputConfig.from_hf(dict(video_d or {}, vision_input_type="single", max_num_tiles=1))
-        return Processor(
-            common.Tokenizer(ckpt / "tokenizer.json"),
-            VisionInputConfig.from_hf(image_d),
-            video,
-            p.get("patch_size") or 14,
-            p.get("pooling_ratio", 2),
-        )
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """What the PLM chat template renders: <|begin_of_text|>, the system header with the given (or the
-        default) system message, then per message "<|start_header_id|>{role}<|end_header_id|>\\n\\n", its
-        <|image|> then <|video|> placeholders, its text items trimmed and joined, "<|eot_id|>". A string
-        `content` is read as one text item (the template renders nothing for it, and a system list as-is)."""
-
-        def text_of(m):
-            items = (
-                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-            )
-            return "".join(it["text"].strip() for it in items if it.get("type") == "text"), items
-
-        system = DEFAULT_SYSTEM
-        if messages and messages[0]["role"] == "system":
-            system, messages = text_of(messages[0])[0], messages[1:]
-        out = [f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"]
-        for m in messages:
-            text, items = text_of(m)
-            out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n")
-            out += [IMAGE_TOKEN for it in items if it.get("type") == "image"]
-            out += [VIDEO_TOKEN for it in items if it.get("type") == "video"]
-            out.append(text + "<|eot_id|>")
-        if add_generation_prompt:
-            out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(out)
-
-    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
-        """`num_frames` frames sampled uniformly (default 16), or `fps` per second; never every frame by
-        accident."""
-        return common.load_video(path, num_frames=num_frames or (None if fps else 16), fps=fps)
-
-    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
-        out = []
-        for video in videos:
-            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            S = self.video.tile_size
-            x = resize_uint8(common.frames_to_uint8(frames), S, S)  # (F, 3, 448, 448): every frame squashed
-            out.append(normalize(x, self.video))
-        if len({v.shape[0] for v in out}) > 1:
-            raise ValueError(
-                f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
-            )
-        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 448, 448)
-
-    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
-        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
-        out, tokens = {}, {IMAGE_TOKEN: [], VIDEO_TOKEN: []}
-        per_tile = (self.image.tile_size // self.patch // self.pool) ** 2  # 256: 32x32 patches pooled 2x2
-        if images:
-            tiles = [thumb_and_tiles(im, self.image) for im in images]
-            if len({len(t) for t in tiles}) > 1:
-                raise ValueError(
-                    f"images in one call must give the same number of tiles, got {[len(t) for t in tiles]}: "
-                    "process them in separate calls (the reference batches them the same way)"
-                )
-            out["pixel_values"] = torch.stack(tiles)  # (images, 1 + tiles, 3, 448, 448)
-            tokens[IMAGE_TOKEN] = [out["pixel_values"].shape[1] * per_tile] * len(images)
-        if videos:
-            out.update(self.preprocess_videos(videos))
-            tokens[VIDEO_TOKEN] = [out["pixel_values_videos"].shape[1] * per_tile] * len(videos)
-        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
-        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
 
 # ==========================================================================================================
@@ -546,8 +446,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): the same angle for every head
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
@@ -586,6 +486,11 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def new_caches(self, B: int, S_max: int, like: torch.Tensor) -> list[KVCache]:
+        """One empty static cache per layer, (B, Hkv, S_max, Dh), on the device and in the dtype of `like`."""
+        Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.head_dim
+        return [KVCache(B, Hkv, S_max, Dh, like.device, like.dtype) for _ in self.layers]
+
     def forward(self, x, pos, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
         cos, sin = rope_cos_sin(pos.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
@@ -617,25 +522,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
-# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
-# does, its output shape in the legend).
-STAGES = [
-    ("vision_tower.timm_model.patch_embed", "Perception Encoder patch embedding per tile", "(n, N, Dv)"),
-    ("vision_tower.timm_model.norm_pre", "+ CLS and learned positions, LayerNorm", "(n, 1+N, Dv)"),
-    ("vision_tower.timm_model.blocks.0", "PE block 1 (2-D RoPE, within each tile)", "(n, 1+N, Dv)"),
-    ("multi_modal_projector", "MLP projector, then 2x2 average pooling", "(n, N/4, D)"),
-    ("language_model.embed_tokens", "token embeddings (features written over <|image|>)", "(B, T, D)"),
-    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
-    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
-    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
-    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
-    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
-    ("lm_head", "logits", "(B, T, V)"),
-]
-
-
 class PerceptionLM(nn.Module):
-    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+    quantized_parts = ("language_model", "lm_head")  # what quant.quantize may store in 8 or 4 bits
 
     def __init__(self, cfg: PerceptionLMConfig):
         super().__init__()
@@ -672,12 +560,8 @@ class PerceptionLM(nn.Module):
         ):
             is_pad = input_ids == token_id
             need = 0 if pixels is None else pixels.shape[0] * pixels.shape[1] * self.tokens_per_tile()
-            if int(is_pad.sum()) != need:
-                raise ValueError(
-                    f"the prompt has {int(is_pad.sum())} <|{what}|> tokens but the {what}s give {need} "
-                    f"features ({self.tokens_per_tile()} per tile or frame): pass the processor's output "
-                    "unchanged"
-                )
+            how = f"{self.tokens_per_tile()} per tile or frame"
+            common.check_feature_count(what, f"<|{what}|>", is_pad, need, how)
             if pixels is not None:
                 feats = self.media_features(pixels.to(x.dtype))  # (need, D)
                 x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
@@ -703,81 +587,162 @@ class PerceptionLM(nn.Module):
         empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
         row's last token at T-1."""
         h = self.language_model(x, pos, mask, caches, 0)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
         It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
-        s = torch.arange(keep.shape[1], device=keep.device)
-        mask = (keep & (s <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
+        slots = torch.arange(keep.shape[1], device=keep.device)
+        mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        pixel_values_videos=None,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_ids: list[int] | int | None = None,
-        streamer=None,
-        compile: bool = False,
-        details: bool = False,
-    ) -> torch.Tensor | common.Generation:
+        self, input_ids, attention_mask=None, pixel_values=None, pixel_values_videos=None, *,
+        max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None,
+        eos_token_ids: list[int] | int | None = None, streamer=None, compile: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
-        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's."""
         # 1. settings and checks
-        attention_mask = common.left_padded_mask(input_ids, attention_mask)
-        B, T = input_ids.shape
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos
         )
-        tc = self.cfg.text_config
-        common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        limit = self.cfg.text_config.max_position_embeddings
+        attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer, limit)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         # 3. prefill: the whole prompt into a static cache
-        S_max = common.cache_length(T, max_new_tokens)
-        Hkv, Dh = tc.num_key_value_heads, tc.head_dim
-        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
+        caches = self.language_model.new_caches(B, S_max, x)
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        common.check_finite(first, x.dtype)
-        # 4. decode, one token per step
-        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
-        next_slot = torch.full((1,), T, device=x.device)
+        # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
+        n_real, next_slot = attention_mask.sum(1, keepdim=True), torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
+        step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
+        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
+        return common.decode(first, step, *args)
 
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
-            return decode_step(token, n_real + i, next_slot + i, keep, caches)
 
-        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
-        gen = common.generate_loop(
-            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
+# ==========================================================================================================
+# 7. The processor: chat template, media -> tensors, placeholders
+# ==========================================================================================================
+
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image|>", "<|video|>"
+DEFAULT_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+class Processor:
+    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
+    PerceptionLMProcessor: input_ids, attention_mask, pixel_values (images, 1 + tiles, 3, 448, 448) and
+    pixel_values_videos (videos, F, 3, 448, 448)."""
+
+    def __init__(self, tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int, pool: int):
+        self.tokenizer, self.image, self.video, self.patch, self.pool = tokenizer, image, video, patch, pool
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
+        self.pad_token_id = tokenizer.token_id("<|end_of_text|>")
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from preprocessor_config.json / video_preprocessor_config.json / processor_config.json as
+        the PLM repos ship them, or the nested processor_config.json of transformers 5."""
+        p, image_d, video_d = common.read_processor_configs(ckpt)
+        video = VisionInputConfig.from_hf(dict(video_d or {}, vision_input_type="single", max_num_tiles=1))
+        return Processor(
+            common.Tokenizer(ckpt / "tokenizer.json"),
+            VisionInputConfig.from_hf(image_d),
+            video,
+            p.get("patch_size") or 14,
+            p.get("pooling_ratio", 2),
         )
-        return gen if details else gen.tokens
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """What the PLM chat template renders: <|begin_of_text|>, the system header with the given (or the
+        default) system message, then per message "<|start_header_id|>{role}<|end_header_id|>\\n\\n", its
+        <|image|> then <|video|> placeholders, its text items trimmed and joined, "<|eot_id|>". A string
+        `content` is read as one text item (the template renders nothing for it, and a system list as-is)."""
+
+        def text_of(m):
+            content = m["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            return "".join(it["text"].strip() for it in items if it.get("type") == "text"), items
+
+        system = DEFAULT_SYSTEM
+        if messages and messages[0]["role"] == "system":
+            system, messages = text_of(messages[0])[0], messages[1:]
+        out = [f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"]
+        for m in messages:
+            text, items = text_of(m)
+            out.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n")
+            out += [IMAGE_TOKEN for it in items if it.get("type") == "image"]
+            out += [VIDEO_TOKEN for it in items if it.get("type") == "video"]
+            out.append(text + "<|eot_id|>")
+        if add_generation_prompt:
+            out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return "".join(out)
+
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None):
+        """A video file -> media.Video: `num_frames` frames sampled uniformly (default 16), or `fps` per
+        second; never every frame by accident."""
+        import media  # PyAV decoding: only for video files
+
+        return media.load_video(path, num_frames=num_frames or (None if fps else 16), fps=fps)
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        out = []
+        for video in videos:
+            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
+            S = self.video.tile_size
+            x = resize_uint8(common.frames_to_uint8(frames), S, S)  # (F, 3, 448, 448): every frame squashed
+            out.append(normalize(x, self.video))
+        if len({v.shape[0] for v in out}) > 1:
+            raise ValueError(
+                f"videos in one call must have the same number of frames: {[len(v) for v in out]}"
+            )
+        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 448, 448)
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
+        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
+        out, tokens = {}, {IMAGE_TOKEN: [], VIDEO_TOKEN: []}
+        per_tile = (self.image.tile_size // self.patch // self.pool) ** 2  # 256: 32x32 patches pooled 2x2
+        if images:
+            tiles = [thumb_and_tiles(im, self.image) for im in images]
+            if len({len(t) for t in tiles}) > 1:
+                raise ValueError(
+                    f"images in one call must give the same number of tiles, got {[len(t) for t in tiles]}: "
+                    "process them in separate calls (the reference batches them the same way)"
+                )
+            out["pixel_values"] = torch.stack(tiles)  # (images, 1 + tiles, 3, 448, 448)
+            tokens[IMAGE_TOKEN] = [out["pixel_values"].shape[1] * per_tile] * len(images)
+        if videos:
+            out.update(self.preprocess_videos(videos))
+            tokens[VIDEO_TOKEN] = [out["pixel_values_videos"].shape[1] * per_tile] * len(videos)
+        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
 
 # ==========================================================================================================
-# 7. Weights
+# 8. Weights
 # ==========================================================================================================
 
 
-def config_from_hf(d: dict) -> PerceptionLMConfig:
-    """Reads config.json (the PLM repos were written by transformers, so both formats nest text_config and
-    vision_config; vision_config names a timm architecture plus the model_args that override it)."""
-    t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+def vision_config_from_timm(v: dict) -> VisionConfig:
+    """vision_config names a timm architecture (in PE_ARCHITECTURES) and the model_args that override it."""
     arch = v.get("architecture")
     if arch not in PE_ARCHITECTURES:
         raise ValueError(
@@ -788,7 +753,7 @@ def config_from_hf(d: dict) -> PerceptionLMConfig:
         raise ValueError("the PE tower must have LayerScale, no final norm and no pooling head, as released")
     img = a.get("img_size", 448)
     img = img if isinstance(img, int) else img[0]
-    vision = VisionConfig(
+    return VisionConfig(
         embed_dim=a["embed_dim"],
         depth=a["depth"],
         num_heads=a["num_heads"],
@@ -797,6 +762,13 @@ def config_from_hf(d: dict) -> PerceptionLMConfig:
         class_token=a.get("class_token", True),
         ref_feat_shape=tuple(a.get("ref_feat_shape") or (img // 14, img // 14)),
     )
+
+
+def config_from_hf(d: dict) -> PerceptionLMConfig:
+    """Reads config.json (the PLM repos were written by transformers, so both formats nest text_config and
+    vision_config; vision_config names a timm architecture plus the model_args that override it)."""
+    t, v = d.get("text_config") or {}, d.get("vision_config") or {}
+    vision = vision_config_from_timm(v)
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
@@ -840,20 +812,19 @@ def rename(key: str) -> str | None:
     return re.sub(r"^vision_tower\.(?!timm_model\.)", "vision_tower.timm_model.", key)
 
 
-def load(
-    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
-) -> tuple[PerceptionLM, Processor]:
+def load(name_or_path=DEFAULT, device=None, dtype=None, quantize=None) -> tuple[PerceptionLM, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
-    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
+    ("int8" or "int4") stores the decoder's linear layers in 8 or 4 bits as they load (quant.py)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    raw = common.read_config(ckpt, "perception_lm", "perception_lm.py")
-    cfg = common.checked_config(config_from_hf, raw, ckpt / "config.json")
+    raw, cfg = common.read_config(ckpt, "perception_lm", config_from_hf)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = PerceptionLM(cfg)
     if quantize:
-        common.quantize(model, quantize, device=device, dtype=dtype)
+        import quant  # the int8/int4 layers: only when asked for
+
+        quant.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt)
@@ -866,8 +837,24 @@ def load(
 
 
 # ==========================================================================================================
-# 8. Command line
+# 9. Command line
 # ==========================================================================================================
+
+# The data's path through the model, for --explain and the notebooks (cli.record_shapes hooks each stage):
+# (submodule, what it does, its output shape in the legend). Not part of the architecture.
+STAGES = [
+    ("vision_tower.timm_model.patch_embed", "Perception Encoder patch embedding per tile", "(n, N, Dv)"),
+    ("vision_tower.timm_model.norm_pre", "+ CLS and learned positions, LayerNorm", "(n, 1+N, Dv)"),
+    ("vision_tower.timm_model.blocks.0", "PE block 1 (2-D RoPE, within each tile)", "(n, 1+N, Dv)"),
+    ("multi_modal_projector", "MLP projector, then 2x2 average pooling", "(n, N/4, D)"),
+    ("language_model.embed_tokens", "token embeddings (features written over <|image|>)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,11 +22,12 @@ written over the 391 <|image_pad|> placeholders of the prompt. Text after the im
 start + max(17, 23) = +23.
 
 Where things are (section: what to read first):
-  1 config: Qwen2VLConfig                    2 preprocessing: smart_resize, patchify, Processor.__call__
+  1 config: Qwen2VLConfig                    2 pixel maths: smart_resize, resize_and_normalize, patchify
   3 vision tower: vision_rope_angles, VisionAttention (block-diagonal), VisionBlock
   4 projector: PatchMerger (2x2), VisionTransformer (tower + merger)   5 decoder: mrope_cos_sin, KVCache
   6 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
-  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
+  7 the processor: Processor (chat template, placeholders)   8 weights: config_from_hf, rename, load
+  9 command line: STAGES (for --explain), main (cli.py)
 
 Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv
 2409.12191). Matches transformers 5.23 `models/qwen2_vl/` (modeling, image/video processing, processing),
@@ -93,7 +94,7 @@ class Qwen2VLConfig:
 
 
 # ==========================================================================================================
-# 2. Preprocessing and prompt
+# 2. Pixel maths: resize, patches, token counts
 # ==========================================================================================================
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,9 +119,8 @@ class VisionInputConfig:
     def __post_init__(self):
         low = (self.patch_size * self.merge_size) ** 2  # one merged token
         if not low <= self.min_pixels <= self.max_pixels:
-            raise ValueError(
-                f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}: need {low} <= min <= max"
-            )
+            bounds = f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}"
+            raise ValueError(f"{bounds}: need {low} <= min <= max")
 
     @staticmethod
     def from_hf(d: dict, min_pixels: int, max_pixels: int) -> VisionInputConfig:
@@ -139,15 +139,11 @@ class VisionInputConfig:
         )
 
 
-def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1003520
-):
+def smart_resize(height: int, width: int, factor=28, min_pixels=3136, max_pixels=1003520) -> tuple[int, int]:
     """The (height, width) an image is resized to: both multiples of `factor`, area within [min, max] pixels,
     aspect ratio kept as well as that allows. Example: 480x640 -> 476x644."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(
-            f"image of {width}x{height}: the aspect ratio must be below 200:1; crop or pad it first"
-        )
+        raise ValueError(f"image of {width}x{height}: the aspect ratio must be below 200:1; crop or pad it")
     # NOTE: Python's round() is round-half-to-even (round(2.5) == 2); the reference relies on it.
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
@@ -191,122 +187,6 @@ def patchify(x: torch.Tensor, cfg: VisionInputConfig) -> tuple[torch.Tensor, lis
     return x.reshape(t * gh * gw, C * Tp * P * P), [t, gh, gw]  # (N, C*Tp*P*P) = (N, 1176)
 
 
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-DEFAULT_SYSTEM = "You are a helpful assistant."
-
-
-class Processor:
-    """Text + media -> the model's input tensors, with the same keys and layouts as transformers'
-    Qwen2VLProcessor: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-    video_grid_thw, mm_token_type_ids."""
-
-    def __init__(
-        self,
-        tokenizer: common.Tokenizer,
-        image: VisionInputConfig,
-        video: VisionInputConfig,
-        pad_token: str = "<|endoftext|>",
-    ):
-        self.tokenizer, self.image, self.video = tokenizer, image, video
-        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
-        self.pad_token_id = tokenizer.token_id(pad_token)
-        self.image_token_id = tokenizer.token_id(IMAGE_PAD)
-        self.video_token_id = tokenizer.token_id(VIDEO_PAD)
-
-    @staticmethod
-    def from_dir(ckpt: Path) -> Processor:
-        """Settings from processor_config.json (transformers 5) or preprocessor_config.json and, if present,
-        video_preprocessor_config.json (published repos). Without a video file, videos use the image file's
-        values over the video defaults, as transformers 5.23 does."""
-        p, image_d, video_d = common.read_processor_configs(ckpt)
-        tok_cfg = common.read_json_if_present(ckpt / "tokenizer_config.json") or {}
-        pad = tok_cfg.get("pad_token") or "<|endoftext|>"
-        return Processor(
-            common.Tokenizer(ckpt / "tokenizer.json"),
-            VisionInputConfig.from_hf(image_d, min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
-            VisionInputConfig.from_hf(image_d if video_d is None else video_d, 128 * 28 * 28, 768 * 28 * 28),
-            pad if isinstance(pad, str) else pad["content"],
-        )
-
-    def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False
-    ) -> str:
-        """ChatML, exactly as the checkpoint's Jinja template renders it:
-        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n   (added when the first turn is not
-        system) <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\\n
-        <|im_start|>assistant\\n"""
-        out, n_images, n_videos = [], 0, 0
-        for i, m in enumerate(messages):
-            if i == 0 and m["role"] != "system":
-                out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
-            out.append(f"<|im_start|>{m['role']}\n")
-            items = (
-                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-            )
-            for item in items:
-                kind = item.get("type")
-                if kind == "image" or "image" in item or "image_url" in item:
-                    n_images += 1
-                    label = f"Picture {n_images}: " if add_vision_id else ""
-                    out.append(f"{label}<|vision_start|>{IMAGE_PAD}<|vision_end|>")
-                elif kind == "video" or "video" in item:
-                    n_videos += 1
-                    label = f"Video {n_videos}: " if add_vision_id else ""
-                    out.append(f"{label}<|vision_start|>{VIDEO_PAD}<|vision_end|>")
-                elif "text" in item:
-                    out.append(item["text"])
-            out.append("<|im_end|>\n")
-        if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
-        return "".join(out)
-
-    @staticmethod
-    def patches(media: list[torch.Tensor], cfg: VisionInputConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 frames (F, 3, H, W), one stack per image (F = 1, repeated to a temporal pair by patchify) or
-        video -> the patch rows of all of them, one after another, and their grids (t, h, w) in patches."""
-        rows, grids = zip(*(patchify(resize_and_normalize(frames, cfg), cfg) for frames in media))
-        return torch.cat(rows), torch.tensor(grids, dtype=torch.long)  # (N, 1176), (n, 3)
-
-    def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
-        frames = [common.image_to_uint8(im)[None] for im in images]  # each (1, 3, H, W): one frame
-        pixels, grids = self.patches(frames, self.image)  # (N, 1176), (n, 3)
-        return {"pixel_values": pixels, "image_grid_thw": grids}
-
-    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
-        """Frames sampled explicitly (never every frame by accident): `num_frames` (rounded to even), or `fps`
-        frames per second (default 2) clamped to [min_frames, max_frames] and to an even count."""
-        common.check_frames(num_frames, fps)
-        Tp = self.video.temporal_patch_size
-        if num_frames is not None:
-            return common.load_video(path, num_frames=max(Tp, round(num_frames / Tp) * Tp))
-        probe = common.load_video(path, num_frames=1)
-        n = probe.total_frames / probe.fps * (fps or self.video.fps)
-        n = min(max(n, self.video.min_frames), self.video.max_frames, probe.total_frames)
-        return common.load_video(path, num_frames=max(1, math.floor(n / Tp) * Tp))
-
-    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
-        frames = [self.load_video(v).frames if isinstance(v, (str, Path)) else v for v in videos]
-        frames = [common.frames_to_uint8(f) for f in frames]  # each (F, 3, H, W)
-        pixels, grids = self.patches(frames, self.video)  # (N, 1176), (n, 3)
-        return {"pixel_values_videos": pixels, "video_grid_thw": grids}
-
-    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
-        common.check_placeholders(texts, {IMAGE_PAD: images, VIDEO_PAD: videos})
-        out: dict[str, torch.Tensor] = {}
-        tokens = {IMAGE_PAD: [], VIDEO_PAD: []}  # per image / per video: one token per merged patch
-        if images:
-            out.update(self.preprocess_images(images))
-            tokens[IMAGE_PAD] = (out["image_grid_thw"].prod(-1) // self.image.merge_size**2).tolist()
-        if videos:
-            out.update(self.preprocess_videos(videos))
-            tokens[VIDEO_PAD] = (out["video_grid_thw"].prod(-1) // self.video.merge_size**2).tolist()
-        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
-        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
-        mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
-
-
 # ==========================================================================================================
 # 3. Vision tower
 # ==========================================================================================================
@@ -343,9 +223,9 @@ class VisionAttention(nn.Module):
         (N, Dv), H = x.shape, self.n_head
         q, k, v = self.qkv(x).view(N, 3, H, Dv // H).unbind(1)  # each (N, H, Dh)
         # NOTE: the rotation is applied in float32 even for bf16 weights (as the reference does).
-        c, s = cos[:, None], sin[:, None]  # (N, 1, Dh): the same angle for every head
-        q = (q.float() * c + rotate_half(q.float()) * s).to(v.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(v.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, Dh): the same angle for every head
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
         y = torch.empty_like(q)
         # Block-diagonal attention: each run is n equally long segments (an image = 1 segment, a video = one
         # per temporal pair) attending only within themselves, so each run is one batched, unmasked SDPA call.
@@ -423,8 +303,8 @@ class VisionTransformer(nn.Module):
         assert pixels.shape[0] == sum(t * h * w for t, h, w in grids), "one row of pixel_values per patch"
         starts = itertools.accumulate((t * h * w for t, h, w in grids), initial=0)
         runs = [(start, t, h * w) for start, (t, h, w) in zip(starts, grids)]  # (first row, segments, length)
-        c = self.cfg
-        angles = vision_rope_angles(grids, c.embed_dim // c.num_heads, c.rope_theta, c.spatial_merge_size)
+        vc = self.cfg
+        angles = vision_rope_angles(grids, vc.embed_dim // vc.num_heads, vc.rope_theta, vc.spatial_merge_size)
         angles = angles.to(pixels.device)
         cos, sin = angles.cos(), angles.sin()  # (N, Dh) float32
         x = self.patch_embed(pixels)  # (N, Dv)
@@ -524,8 +404,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): the same angle for every head
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
@@ -564,6 +444,11 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def new_caches(self, B: int, S_max: int, like: torch.Tensor) -> list[KVCache]:
+        """One empty static cache per layer, (B, Hkv, S_max, Dh), on the device and in the dtype of `like`."""
+        Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.hidden_size // self.cfg.num_attention_heads
+        return [KVCache(B, Hkv, S_max, Dh, like.device, like.dtype) for _ in self.layers]
+
     def forward(self, x, pos3, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos3 (3, B, T) M-RoPE positions, mask (B, 1, T, S) -> (B, T, D)."""
         cos, sin = mrope_cos_sin(pos3.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
@@ -578,11 +463,7 @@ class Qwen2Model(nn.Module):
 
 
 def get_rope_index(
-    mm_types: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_grid_thw: torch.Tensor | None,
-    video_grid_thw: torch.Tensor | None,
-    merge: int,
+    mm_types: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw, video_grid_thw, merge: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D positions (3, B, T) and rope_delta (B,), computed on the host from the token types (B, T: 0 text,
     1 image, 2 video) and the grids.
@@ -645,24 +526,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
-# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
-# does, its output shape in the legend).
-STAGES = [
-    ("visual.patch_embed", "patch embedding: 3*2*14*14 values -> Dv", "(N, Dv)"),
-    ("visual.blocks.0", "vision block 1 (2-D RoPE, attention within each image)", "(N, Dv)"),
-    ("visual.merger", "2x2 merge + MLP -> decoder width", "(N/4, D)"),
-    ("model.embed_tokens", "token embeddings (vision features written over the pads)", "(B, T, D)"),
-    ("model", "decoder stack <- embeddings, M-RoPE positions (3, B, T)", "(B, T, D)"),
-    ("model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
-    ("model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
-    ("model.layers.0", "decoder layer 1 (M-RoPE attention + SwiGLU)", "(B, T, D)"),
-    ("model.norm", "final RMSNorm", "(B, T, D)"),
-    ("lm_head", "logits", "(B, T, V)"),
-]
-
-
 class Qwen2VL(nn.Module):
-    quantized_parts = ("model", "lm_head")  # the decoder's linear layers, for common.quantize
+    quantized_parts = ("model", "lm_head")  # what quant.quantize may store in 8 or 4 bits: the decoder
 
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
@@ -687,14 +552,9 @@ class Qwen2VL(nn.Module):
             ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id),
         ):
             is_pad = input_ids == token_id
-            need = 0 if grid is None else int(grid.prod(-1).sum()) // merge**2
-            have = int(is_pad.sum())
-            if have != need or (pixels is None) != (grid is None):
-                raise ValueError(
-                    f"the prompt has {have} {what} placeholder tokens but the {what}s' grids give "
-                    f"{need} features: pass the processor's output unchanged"
-                )
-            if pixels is not None:
+            need = 0 if grid is None or pixels is None else int(grid.prod(-1).sum()) // merge**2
+            common.check_feature_count(what, f"<|{what}_pad|>", is_pad, need, "one per 2x2 merged patch")
+            if need:
                 feats = self.visual(pixels.to(x.dtype), grid.cpu())  # (need, D)
                 x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
         return x
@@ -708,15 +568,9 @@ class Qwen2VL(nn.Module):
         return pos.to(input_ids.device), delta.to(input_ids.device)
 
     def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        mm_token_type_ids=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-    ) -> torch.Tensor:
+        self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,
+        pixel_values_videos=None, video_grid_thw=None,
+    ) -> torch.Tensor:  # fmt: skip
         """The full forward pass without a cache: logits (B, T, V). Differentiable.
         Inputs, as the processor returns them: input_ids, attention_mask, mm_token_type_ids (B, T);
         pixel_values (N, 1176) the patch rows of all images, image_grid_thw (n_images, 3) as (t, h, w);
@@ -733,81 +587,173 @@ class Qwen2VL(nn.Module):
         empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
         row's last token at T-1."""
         h = self.model(x, pos3, mask, caches, 0)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos3, slot, keep, caches: list[KVCache]) -> torch.Tensor:
-        """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
-        cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
-        It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
+        """One new token per row, with the same shapes at every step: token (B, 1), its positions pos3
+        (3, B, 1), the cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots ->
+        logits (B, V). It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
-        s = torch.arange(keep.shape[1], device=keep.device)
-        mask = (keep & (s <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
+        slots = torch.arange(keep.shape[1], device=keep.device)
+        mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.model(self.model.embed_tokens(token), pos3, mask, caches, slot)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        mm_token_type_ids=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_ids: list[int] | int | None = None,
-        streamer=None,
-        compile: bool = False,
-        details: bool = False,
-    ) -> torch.Tensor | common.Generation:
+        self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,
+        pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens: int = 128, temperature: float = 0.0,
+        top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+        eos_token_ids: list[int] | int | None = None, streamer=None, compile: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
-        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's."""
         # 1. settings and checks
-        attention_mask = common.left_padded_mask(input_ids, attention_mask)
-        B, T = input_ids.shape
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos
         )
-        tc = self.cfg.text_config
+        attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer)
         pos3, delta = self.positions(
             input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw
         )
         n_pos = int((attention_mask.sum(1) + delta).max())  # NOTE: M-RoPE positions grow slower than tokens
-        common.check_context(n_pos, max_new_tokens, tc.max_position_embeddings)
+        common.check_context(n_pos, max_new_tokens, self.cfg.text_config.max_position_embeddings)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         # 3. prefill: the whole prompt into a static cache
-        S_max = common.cache_length(T, max_new_tokens)
-        Hkv, Dh = tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads
-        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
+        caches = self.model.new_caches(B, S_max, x)
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
         first = self.prefill(x, pos3, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        common.check_finite(first, x.dtype)
-        # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
-        n_real = attention_mask.sum(1)  # (B,)
-        next_slot = torch.full((1,), T, device=x.device)
+        # 4. decode. NOTE: position = index + rope_delta on all 3 axes; slot and position are tensors, so a
+        # compiled step never recompiles
+        n_real, next_slot = attention_mask.sum(1), torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # NOTE: M-RoPE position = index + rope_delta
-            p = (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1): the same on all 3 axes
-            return decode_step(token, p, next_slot + i, keep, caches)
-
-        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
-        gen = common.generate_loop(
-            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
-        )
-        return gen if details else gen.tokens
+        pos3_of = lambda i: (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1)
+        step = lambda token, i: decode_step(token, pos3_of(i), next_slot + i, keep, caches)
+        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
+        return common.decode(first, step, *args)
 
 
 # ==========================================================================================================
-# 7. Weights
+# 7. The processor: chat template, media -> tensors, placeholders
+# ==========================================================================================================
+
+
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+class Processor:
+    """Text + media -> the model's input tensors, with the same keys and layouts as transformers'
+    Qwen2VLProcessor: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw, mm_token_type_ids."""
+
+    def __init__(
+        self, tokenizer, image: VisionInputConfig, video: VisionInputConfig, pad_token="<|endoftext|>"
+    ):
+        self.tokenizer, self.image, self.video = tokenizer, image, video
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
+        self.pad_token_id = tokenizer.token_id(pad_token)
+        self.image_token_id = tokenizer.token_id(IMAGE_PAD)
+        self.video_token_id = tokenizer.token_id(VIDEO_PAD)
+
+    @staticmethod
+    def from_dir(ckpt: Path) -> Processor:
+        """Settings from processor_config.json (transformers 5) or preprocessor_config.json and, if present,
+        video_preprocessor_config.json (published repos). Without a video file, videos use the image file's
+        values over the video defaults, as transformers 5.23 does."""
+        p, image_d, video_d = common.read_processor_configs(ckpt)
+        tok_cfg = common.read_json_if_present(ckpt / "tokenizer_config.json") or {}
+        pad = tok_cfg.get("pad_token") or "<|endoftext|>"
+        return Processor(
+            common.Tokenizer(ckpt / "tokenizer.json"),
+            VisionInputConfig.from_hf(image_d, min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
+            VisionInputConfig.from_hf(image_d if video_d is None else video_d, 128 * 28 * 28, 768 * 28 * 28),
+            pad if isinstance(pad, str) else pad["content"],
+        )
+
+    def apply_chat_template(self, messages: list, add_generation_prompt=True, add_vision_id=False) -> str:
+        """ChatML, exactly as the checkpoint's Jinja template renders it:
+        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n   (added when the first turn is not
+        system) <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\\n
+        <|im_start|>assistant\\n"""
+        out, n_images, n_videos = [], 0, 0
+        for i, m in enumerate(messages):
+            if i == 0 and m["role"] != "system":
+                out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
+            out.append(f"<|im_start|>{m['role']}\n")
+            content = m["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for item in items:
+                kind = item.get("type")
+                if kind == "image" or "image" in item or "image_url" in item:
+                    n_images += 1
+                    label = f"Picture {n_images}: " if add_vision_id else ""
+                    out.append(f"{label}<|vision_start|>{IMAGE_PAD}<|vision_end|>")
+                elif kind == "video" or "video" in item:
+                    n_videos += 1
+                    label = f"Video {n_videos}: " if add_vision_id else ""
+                    out.append(f"{label}<|vision_start|>{VIDEO_PAD}<|vision_end|>")
+                elif "text" in item:
+                    out.append(item["text"])
+            out.append("<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    @staticmethod
+    def patches(media: list[torch.Tensor], cfg: VisionInputConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames (F, 3, H, W), one stack per image (F = 1, repeated to a temporal pair by patchify) or
+        video -> the patch rows of all of them, one after another, and their grids (t, h, w) in patches."""
+        rows, grids = zip(*(patchify(resize_and_normalize(frames, cfg), cfg) for frames in media))
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.long)  # (N, 1176), (n, 3)
+
+    def preprocess_images(self, images: list) -> dict[str, torch.Tensor]:
+        frames = [common.image_to_uint8(im)[None] for im in images]  # each (1, 3, H, W): one frame
+        pixels, grids = self.patches(frames, self.image)  # (N, 1176), (n, 3)
+        return {"pixel_values": pixels, "image_grid_thw": grids}
+
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None):
+        """A video file -> media.Video, its frames sampled explicitly (never all by accident): `num_frames`
+        rounded to even, or `fps` per second (default 2) clamped to [min_frames, max_frames] and even."""
+        import media  # PyAV decoding: only for video files
+
+        media.check_frames(num_frames, fps)
+        Tp = self.video.temporal_patch_size
+        if num_frames is not None:
+            return media.load_video(path, num_frames=max(Tp, round(num_frames / Tp) * Tp))
+        probe = media.load_video(path, num_frames=1)
+        n = probe.total_frames / probe.fps * (fps or self.video.fps)
+        n = min(max(n, self.video.min_frames), self.video.max_frames, probe.total_frames)
+        return media.load_video(path, num_frames=max(1, math.floor(n / Tp) * Tp))
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        frames = [self.load_video(v).frames if isinstance(v, (str, Path)) else v for v in videos]
+        frames = [common.frames_to_uint8(f) for f in frames]  # each (F, 3, H, W)
+        pixels, grids = self.patches(frames, self.video)  # (N, 1176), (n, 3)
+        return {"pixel_values_videos": pixels, "video_grid_thw": grids}
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
+        common.check_placeholders(texts, {IMAGE_PAD: images, VIDEO_PAD: videos})
+        out: dict[str, torch.Tensor] = {}
+        tokens = {IMAGE_PAD: [], VIDEO_PAD: []}  # per image / per video: one token per merged patch
+        if images:
+            out.update(self.preprocess_images(images))
+            tokens[IMAGE_PAD] = (out["image_grid_thw"].prod(-1) // self.image.merge_size**2).tolist()
+        if videos:
+            out.update(self.preprocess_videos(videos))
+            tokens[VIDEO_PAD] = (out["video_grid_thw"].prod(-1) // self.video.merge_size**2).tolist()
+        ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
+
+
+# ==========================================================================================================
+# 8. Weights
 # ==========================================================================================================
 
 
@@ -866,20 +812,19 @@ def rename(key: str) -> str | None:
     return re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", key)
 
 
-def load(
-    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
-) -> tuple[Qwen2VL, Processor]:
+def load(name_or_path=DEFAULT, device=None, dtype=None, quantize=None) -> tuple[Qwen2VL, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
-    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
+    ("int8" or "int4") stores the decoder's linear layers in 8 or 4 bits as they load (quant.py)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    raw = common.read_config(ckpt, "qwen2_vl", "qwen2_vl.py")
-    cfg = common.checked_config(config_from_hf, raw, ckpt / "config.json")
+    raw, cfg = common.read_config(ckpt, "qwen2_vl", config_from_hf)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = Qwen2VL(cfg)
     if quantize:
-        common.quantize(model, quantize, device=device, dtype=dtype)
+        import quant  # the int8/int4 layers: only when asked for
+
+        quant.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt)
@@ -890,8 +835,23 @@ def load(
 
 
 # ==========================================================================================================
-# 8. Command line
+# 9. Command line
 # ==========================================================================================================
+
+# The data's path through the model, for --explain and the notebooks (cli.record_shapes hooks each stage):
+# (submodule, what it does, its output shape in the legend). Not part of the architecture.
+STAGES = [
+    ("visual.patch_embed", "patch embedding: 3*2*14*14 values -> Dv", "(N, Dv)"),
+    ("visual.blocks.0", "vision block 1 (2-D RoPE, attention within each image)", "(N, Dv)"),
+    ("visual.merger", "2x2 merge + MLP -> decoder width", "(N/4, D)"),
+    ("model.embed_tokens", "token embeddings (vision features written over the pads)", "(B, T, D)"),
+    ("model", "decoder stack <- embeddings, M-RoPE positions (3, B, T)", "(B, T, D)"),
+    ("model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("model.layers.0.self_attn.k_proj", "decoder layer 1: keys, Hkv heads (GQA)", "(B, T, Hkv*Dh)"),
+    ("model.layers.0", "decoder layer 1 (M-RoPE attention + SwiGLU)", "(B, T, D)"),
+    ("model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,11 +19,12 @@ image tower -> hidden state -2 (1, 257, 1024) -> drop CLS -> 256 x 1024 -> proje
 -> 8 frames of 224x224 -> video tower -> (8, 257, 1024) -> projector -> 2056 x 4096, frame after frame.
 
 Where things are (section: what to read first):
-  1 config: VideoLlavaConfig                 2 preprocessing: preprocess_image, preprocess_frames,
-    Processor.load_video                     3 vision towers: ClipVisionTower    4 projector: Projector
+  1 config: VideoLlavaConfig                 2 pixel maths: preprocess_image, preprocess_frames
+  3 vision towers: ClipVisionTower           4 projector: Projector
   5 decoder: rope_cos_sin, attend, KVCache, Attention
   6 the VLM: VideoLlava.image_features, video_features, embed / prefill / decode_step / generate
-  7 weights: config_from_hf, rename, load    8 command line: main (cli.py)
+  7 the processor: Processor (chat template, 8 frames, placeholders)   8 weights: config_from_hf, rename,
+    load                                     9 command line: STAGES (for --explain), main (cli.py)
 
 Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before Projection" (arXiv
 2311.10122). Matches transformers 5.23 `models/video_llava/` with `clip/` and `llama/`.
@@ -89,7 +90,7 @@ class VideoLlavaConfig:
 
 
 # ==========================================================================================================
-# 2. Preprocessing and prompt
+# 2. Pixel maths: shortest edge, centre crop
 # ==========================================================================================================
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,9 +108,7 @@ class VisionInputConfig:
     def from_hf(d: dict) -> VisionInputConfig:
         size, crop = d.get("size") or {}, d.get("crop_size") or {}
         if d.get("resample", 3) != 3:
-            raise ValueError(
-                f"resample={d['resample']} in the processor config: only bicubic (3) is supported"
-            )
+            raise ValueError(f"resample={d['resample']} in the processor config: only bicubic (3) is known")
         return VisionInputConfig(
             shortest_edge=size.get("shortest_edge", 224),
             crop=crop.get("height", 224),
@@ -127,7 +126,7 @@ def preprocess_image(image, cfg: VisionInputConfig) -> torch.Tensor:
     """An image -> (3, 224, 224) float32. NOTE: Video-LLaVA's image processor is the PIL one: PIL's bicubic
     resize (not torch's), centre crop at ((h - 224) // 2, (w - 224) // 2), x / 255 computed in float64, then
     (x - mean) / std in float32. Video frames go the torch way (`preprocess_frames`): a few levels apart."""
-    img = common.load_image(image)
+    img = Image.fromarray(common.image_to_uint8(image).permute(1, 2, 0).numpy())  # PIL RGB
     h, w = shortest_edge_size(img.height, img.width, cfg.shortest_edge)
     x = np.asarray(img.resize((w, h), resample=Image.Resampling.BICUBIC, reducing_gap=None))
     C = cfg.crop
@@ -148,100 +147,6 @@ def preprocess_frames(frames: torch.Tensor, cfg: VisionInputConfig) -> torch.Ten
     x = x[..., top : top + C, left : left + C].float()  # (F, 3, 224, 224)
     mean = torch.tensor(cfg.image_mean).view(3, 1, 1) * 255.0  # (3, 1, 1)
     return (x - mean) / (torch.tensor(cfg.image_std).view(3, 1, 1) * 255.0)  # (F, 3, 224, 224)
-
-
-IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
-
-
-class Processor:
-    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
-    VideoLlavaProcessor: input_ids, attention_mask, pixel_values_images (images, 3, 224, 224; transformers
-    5.23 still returns this legacy name) and pixel_values_videos (videos, F, 3, 224, 224)."""
-
-    def __init__(
-        self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int
-    ):
-        self.tokenizer, self.image, self.video, self.patch = tokenizer, image, video, patch
-        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
-        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
-        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
-        self.bos_token_id = tokenizer.token_id("<s>")
-        self.pad_token_id = tokenizer.token_id("<pad>")
-
-    @staticmethod
-    def from_dir(ckpt: Path, patch: int = 14) -> Processor:
-        """Settings from preprocessor_config.json (+ video_preprocessor_config.json) as published, or the
-        nested processor_config.json of transformers 5. Without a video config the image values are used."""
-        p, image_d, video_d = common.read_processor_configs(ckpt)
-        return Processor(
-            common.Tokenizer(ckpt / "tokenizer.json"),
-            VisionInputConfig.from_hf(image_d),
-            VisionInputConfig.from_hf(image_d if video_d is None else video_d),
-            patch,
-        )
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """What the checkpoint's LLaVA-1.5-style template renders, a string `content` read as one text item
-        (the template renders nothing for it). Per message: "USER: " / "ASSISTANT: " (a system message: its
-        text only), then <image>\\n per image and <video>\\n per video, then each text item and a space.
-        Example: "USER: <video>\\nWhy is this funny? ASSISTANT:". BOS is not part of it: the processor puts it
-        in front, as the Llama tokenizer does."""
-        out = []
-        for m in messages:
-            items = (
-                [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-            )
-            if m["role"] != "system":
-                out.append(m["role"].upper() + ": ")
-            out += [IMAGE_TOKEN + "\n" for it in items if it.get("type") == "image"]
-            out += [VIDEO_TOKEN + "\n" for it in items if it.get("type") == "video"]
-            out += [it["text"] + " " for it in items if it.get("type") == "text"]
-        if add_generation_prompt:
-            out.append("ASSISTANT:")
-        return "".join(out)
-
-    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None) -> common.Video:
-        """`num_frames` frames (default 8) at indices int(i * total / num_frames): a shorter video repeats
-        frames (3 frames -> 0 0 0 1 1 1 2 2), as the reference sampling does. Or `fps` frames per second.
-        Another count than 8 is warned about when the frames are preprocessed."""
-        if fps is None:
-            num_frames = num_frames or TRAINED_FRAMES
-        return common.load_video(path, num_frames=num_frames, fps=fps, repeat=True)
-
-    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
-        out = []
-        for video in videos:
-            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
-            x = common.frames_to_uint8(frames)  # (F, 3, H, W)
-            if x.shape[0] != TRAINED_FRAMES:
-                warnings.warn(
-                    f"a video of {x.shape[0]} frames: Video-LLaVA was trained on {TRAINED_FRAMES}",
-                    stacklevel=2,
-                )
-            out.append(preprocess_frames(x.contiguous(), self.video))
-        if len({v.shape[0] for v in out}) > 1:
-            raise ValueError(
-                f"videos in one call must have the same number of frames, got {[len(v) for v in out]}"
-            )
-        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 224, 224)
-
-    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
-        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
-        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
-        out = {}
-        per_tile = (self.image.crop // self.patch) ** 2  # 256 patches; a video frame adds its CLS: 257
-        if images:
-            x = torch.stack([preprocess_image(im, self.image) for im in images])  # (images, 3, 224, 224)
-            out["pixel_values_images"] = x
-        if videos:
-            out.update(self.preprocess_videos(videos))
-        per_video = 0 if not videos else out["pixel_values_videos"].shape[1] * (per_tile + 1)
-        tokens = {IMAGE_TOKEN: [per_tile] * len(images), VIDEO_TOKEN: [per_video] * len(videos)}
-        ids = [
-            [self.bos_token_id] + self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)
-        ]
-        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
 
 # ==========================================================================================================
@@ -427,8 +332,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, self.Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        c, s = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh): the same angle for every head
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(slot, k, v)  # (B, Hkv, S, Dh)
         y = attend(q, k, v, mask)  # (B, H, T, Dh)
@@ -467,6 +372,11 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def new_caches(self, B: int, S_max: int, like: torch.Tensor) -> list[KVCache]:
+        """One empty static cache per layer, (B, Hkv, S_max, Dh), on the device and in the dtype of `like`."""
+        Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.hidden_size // self.cfg.num_attention_heads
+        return [KVCache(B, Hkv, S_max, Dh, like.device, like.dtype) for _ in self.layers]
+
     def forward(self, x, pos, mask, caches: list[KVCache] | None = None, slot=0) -> torch.Tensor:
         """x (B, T, D) embeddings, pos (B, T) positions, mask (B, 1, T, S) -> (B, T, D)."""
         cos, sin = rope_cos_sin(pos.to(x.device), self.cfg, x.dtype)  # once for all layers, on x's device
@@ -498,24 +408,8 @@ def causal_padding_mask(keep: torch.Tensor, T: int, offset: int = 0) -> torch.Te
     return (((s <= t) & keep[:, None, :]) | (s == t))[:, None]  # (B, 1, T, S)
 
 
-# The data's path through the model, for `common.record_shapes` (notebooks, --explain): (submodule, what it
-# does, its output shape in the legend).
-STAGES = [
-    ("image_tower.embeddings", "image tower: CLS + patch embedding + positions", "(n, 1+N, Dv)"),
-    ("video_tower.embeddings", "video tower: the same, for every frame", "(n*F, 1+N, Dv)"),
-    ("video_tower.encoder.layers.0", "video tower layer 1 (within each frame)", "(n*F, 1+N, Dv)"),
-    ("multi_modal_projector", "2-layer MLP projector (images: CLS dropped first)", "(n, N or 1+N, D)"),
-    ("language_model.embed_tokens", "token embeddings (features written over <image>/<video>)", "(B, T, D)"),
-    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
-    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
-    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
-    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
-    ("lm_head", "logits", "(B, T, V)"),
-]
-
-
 class VideoLlava(nn.Module):
-    quantized_parts = ("language_model", "lm_head")  # the decoder's linear layers, for common.quantize
+    quantized_parts = ("language_model", "lm_head")  # what quant.quantize may store in 8 or 4 bits
 
     def __init__(self, cfg: VideoLlavaConfig):
         super().__init__()
@@ -553,11 +447,7 @@ class VideoLlava(nn.Module):
         ):
             is_pad = input_ids == token_id
             need = 0 if pixels is None else pixels.shape[0] * per_item
-            if int(is_pad.sum()) != need:
-                raise ValueError(
-                    f"the prompt has {int(is_pad.sum())} <{what}> tokens but the {what}s give {need} "
-                    "features (256 per image, 257 per video frame): pass the processor's output unchanged"
-                )
+            common.check_feature_count(what, f"<{what}>", is_pad, need, "256 per image, 257 per video frame")
             if pixels is not None:
                 feats = features(pixels.to(x.dtype))  # (items, per_item, D)
                 x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
@@ -589,77 +479,156 @@ class VideoLlava(nn.Module):
         empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
         row's last token at T-1."""
         h = self.language_model(x, pos, mask, caches, 0)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
         It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
         generate(compile=True); nothing in it waits for the host."""
-        s = torch.arange(keep.shape[1], device=keep.device)
-        mask = (keep & (s <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
+        slots = torch.arange(keep.shape[1], device=keep.device)
+        mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
-        return self.lm_head(h[:, -1]).float()
+        return self.lm_head(h[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values_images=None,
-        pixel_values_videos=None,
-        pixel_values=None,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_ids: list[int] | int | None = None,
-        streamer=None,
-        compile: bool = False,
-        details: bool = False,
-    ) -> torch.Tensor | common.Generation:
+        self, input_ids, attention_mask=None, pixel_values_images=None, pixel_values_videos=None,
+        pixel_values=None, *,
+        max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        repetition_penalty: float = 1.0, seed: int | None = None,
+        eos_token_ids: list[int] | int | None = None, streamer=None, compile: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
         """New tokens (B, N). Prefill once (vision + prompt) into a static cache, then one token per step.
-        details=True returns a common.Generation: the tokens, the stop reason, the first step's time."""
+        `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's."""
         # 1. settings and checks
-        attention_mask = common.left_padded_mask(input_ids, attention_mask)
-        B, T = input_ids.shape
+        eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         settings = common.GenerationSettings(
-            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos
         )
-        tc = self.cfg.text_config
-        common.check_context(int(attention_mask.sum(1).max()), max_new_tokens, tc.max_position_embeddings)
+        limit = self.cfg.text_config.max_position_embeddings
+        attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer, limit)
         # 2. vision features, written over the placeholders
         x = self.embed(
             input_ids, pixel_values_images if pixel_values is None else pixel_values, pixel_values_videos
         )
         # 3. prefill: the whole prompt into a static cache
-        S_max = common.cache_length(T, max_new_tokens)
-        Hkv, Dh = tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads
-        caches = [KVCache(B, Hkv, S_max, Dh, x.device, x.dtype) for _ in range(tc.num_hidden_layers)]
+        (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
+        caches = self.language_model.new_caches(B, S_max, x)
         keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
         first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        common.check_finite(first, x.dtype)
-        # 4. decode, one token per step
-        n_real = attention_mask.sum(1, keepdim=True)  # (B, 1)
-        next_slot = torch.full((1,), T, device=x.device)
+        # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
+        n_real, next_slot = attention_mask.sum(1, keepdim=True), torch.full((1,), T, device=x.device)
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-
-        def step(token: torch.Tensor, i: int) -> torch.Tensor:  # position and slot as tensors: no recompiles
-            return decode_step(token, n_real + i, next_slot + i, keep, caches)
-
-        eos = self.eos_token_ids if eos_token_ids is None else common.as_list(eos_token_ids)
-        gen = common.generate_loop(
-            first, step, input_ids, attention_mask, settings, eos, self.pad_token_id, streamer, self.tokenizer
-        )
-        return gen if details else gen.tokens
+        step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
+        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
+        return common.decode(first, step, *args)
 
 
 # ==========================================================================================================
-# 7. Weights
+# 7. The processor: chat template, media -> tensors, placeholders
+# ==========================================================================================================
+
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+
+
+class Processor:
+    """Text + images + videos -> the model's inputs, with the same keys and layouts as transformers'
+    VideoLlavaProcessor: input_ids, attention_mask, pixel_values_images (images, 3, 224, 224; transformers
+    5.23 still returns this legacy name) and pixel_values_videos (videos, F, 3, 224, 224)."""
+
+    def __init__(
+        self, tokenizer: common.Tokenizer, image: VisionInputConfig, video: VisionInputConfig, patch: int
+    ):
+        self.tokenizer, self.image, self.video, self.patch = tokenizer, image, video, patch
+        self.decode, self.batch_decode = tokenizer.decode, tokenizer.batch_decode  # ids -> text
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.token_id(VIDEO_TOKEN)
+        self.bos_token_id = tokenizer.token_id("<s>")
+        self.pad_token_id = tokenizer.token_id("<pad>")
+
+    @staticmethod
+    def from_dir(ckpt: Path, patch: int = 14) -> Processor:
+        """Settings from preprocessor_config.json (+ video_preprocessor_config.json) as published, or the
+        nested processor_config.json of transformers 5. Without a video config the image values are used."""
+        p, image_d, video_d = common.read_processor_configs(ckpt)
+        return Processor(
+            common.Tokenizer(ckpt / "tokenizer.json"),
+            VisionInputConfig.from_hf(image_d),
+            VisionInputConfig.from_hf(image_d if video_d is None else video_d),
+            patch,
+        )
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """What the checkpoint's LLaVA-1.5-style template renders, a string `content` read as one text item
+        (the template renders nothing for it). Per message: "USER: " / "ASSISTANT: " (a system message: its
+        text only), then <image>\\n per image and <video>\\n per video, then each text item and a space.
+        Example: "USER: <video>\\nWhy is this funny? ASSISTANT:". BOS is not part of it: the processor puts it
+        in front, as the Llama tokenizer does."""
+        out = []
+        for m in messages:
+            content = m["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if m["role"] != "system":
+                out.append(m["role"].upper() + ": ")
+            out += [IMAGE_TOKEN + "\n" for it in items if it.get("type") == "image"]
+            out += [VIDEO_TOKEN + "\n" for it in items if it.get("type") == "video"]
+            out += [it["text"] + " " for it in items if it.get("type") == "text"]
+        if add_generation_prompt:
+            out.append("ASSISTANT:")
+        return "".join(out)
+
+    def load_video(self, path: str, num_frames: int | None = None, fps: float | None = None):
+        """A video file -> media.Video: `num_frames` frames (default 8) at indices int(i * total /
+        num_frames): a shorter video repeats frames (3 frames -> 0 0 0 1 1 1 2 2), as the reference sampling
+        does. Or `fps` frames per second. Another count than 8 is warned about when the frames are
+        preprocessed."""
+        import media  # PyAV decoding: only for video files
+
+        if fps is None:
+            num_frames = num_frames or TRAINED_FRAMES
+        return media.load_video(path, num_frames=num_frames, fps=fps, repeat=True)
+
+    def preprocess_videos(self, videos: list) -> dict[str, torch.Tensor]:
+        out = []
+        for video in videos:
+            frames = self.load_video(video).frames if isinstance(video, (str, Path)) else video
+            x = common.frames_to_uint8(frames)  # (F, 3, H, W)
+            if x.shape[0] != TRAINED_FRAMES:
+                warnings.warn(
+                    f"a video of {x.shape[0]} frames: Video-LLaVA was trained on {TRAINED_FRAMES}",
+                    stacklevel=2,
+                )
+            out.append(preprocess_frames(x.contiguous(), self.video))
+        if len({v.shape[0] for v in out}) > 1:
+            raise ValueError(
+                f"videos in one call must have the same number of frames: {[len(v) for v in out]}"
+            )
+        return {"pixel_values_videos": torch.stack(out)}  # (videos, F, 3, 224, 224)
+
+    def __call__(self, text: str | list[str], images=None, videos=None, padding_side: str = "left"):
+        texts, images, videos = common.as_list(text), common.as_list(images), common.as_list(videos)
+        common.check_placeholders(texts, {IMAGE_TOKEN: images, VIDEO_TOKEN: videos})
+        out = {}
+        per_tile = (self.image.crop // self.patch) ** 2  # 256 patches; a video frame adds its CLS: 257
+        if images:
+            x = torch.stack([preprocess_image(im, self.image) for im in images])  # (images, 3, 224, 224)
+            out["pixel_values_images"] = x
+        if videos:
+            out.update(self.preprocess_videos(videos))
+        per_video = 0 if not videos else out["pixel_values_videos"].shape[1] * (per_tile + 1)
+        tokens = {IMAGE_TOKEN: [per_tile] * len(images), VIDEO_TOKEN: [per_video] * len(videos)}
+        ids = [
+            [self.bos_token_id] + self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)
+        ]
+        input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+
+# ==========================================================================================================
+# 8. Weights
 # ==========================================================================================================
 
 
@@ -723,20 +692,19 @@ def rename(key: str) -> str | None:
     return re.sub(r"^language_model\.model\.", "language_model.", key)
 
 
-def load(
-    name_or_path: str = DEFAULT, device=None, dtype=None, quantize: str | None = None
-) -> tuple[VideoLlava, Processor]:
+def load(name_or_path=DEFAULT, device=None, dtype=None, quantize=None) -> tuple[VideoLlava, Processor]:
     """A Hub id (or a PRESETS key) or a local directory -> (model in eval mode, processor). `quantize`
-    ("int8" or "int4") quantizes the decoder's linear layers as they load (common.quantize)."""
+    ("int8" or "int4") stores the decoder's linear layers in 8 or 4 bits as they load (quant.py)."""
     ckpt = common.checkpoint_dir(PRESETS.get(name_or_path, name_or_path))
-    raw = common.read_config(ckpt, "video_llava", "video_llava.py")
-    cfg = common.checked_config(config_from_hf, raw, ckpt / "config.json")
+    raw, cfg = common.read_config(ckpt, "video_llava", config_from_hf)
     device = common.pick_device(device)
     dtype = common.pick_dtype(dtype, device, quantize)
     with torch.device("meta"):
         model = VideoLlava(cfg)
     if quantize:
-        common.quantize(model, quantize, device=device, dtype=dtype)
+        import quant  # the int8/int4 layers: only when asked for
+
+        quant.quantize(model, quantize, device=device, dtype=dtype)
     tied = {"lm_head.weight": "language_model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     common.load_weights(model, ckpt, rename, device, dtype, tied)
     processor = Processor.from_dir(ckpt, cfg.vision_config.patch_size)
@@ -747,8 +715,23 @@ def load(
 
 
 # ==========================================================================================================
-# 8. Command line
+# 9. Command line
 # ==========================================================================================================
+
+# The data's path through the model, for --explain and the notebooks (cli.record_shapes hooks each stage):
+# (submodule, what it does, its output shape in the legend). Not part of the architecture.
+STAGES = [
+    ("image_tower.embeddings", "image tower: CLS + patch embedding + positions", "(n, 1+N, Dv)"),
+    ("video_tower.embeddings", "video tower: the same, for every frame", "(n*F, 1+N, Dv)"),
+    ("video_tower.encoder.layers.0", "video tower layer 1 (within each frame)", "(n*F, 1+N, Dv)"),
+    ("multi_modal_projector", "2-layer MLP projector (images: CLS dropped first)", "(n, N or 1+N, D)"),
+    ("language_model.embed_tokens", "token embeddings (features written over <image>/<video>)", "(B, T, D)"),
+    ("language_model", "decoder stack <- embeddings, positions (B, T), mask", "(B, T, D)"),
+    ("language_model.layers.0.self_attn.q_proj", "decoder layer 1: queries, H heads", "(B, T, H*Dh)"),
+    ("language_model.layers.0", "decoder layer 1 (causal attention + SwiGLU)", "(B, T, D)"),
+    ("language_model.norm", "final RMSNorm", "(B, T, D)"),
+    ("lm_head", "logits", "(B, T, V)"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,7 @@ for p in (ROOT, ROOT / "tests", ROOT / "examples"):
         sys.path.insert(0, str(p))
 
 import common  # noqa: E402
+import media  # noqa: E402
 
 MODELS = ("qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm")
 PHOTO = ROOT / "examples" / "grace_hopper.jpg"
@@ -55,7 +56,7 @@ def show_source(fn) -> None:
 
 
 def example_photo() -> Image.Image:
-    return common.load_image(PHOTO)
+    return media.load_image(PHOTO)
 
 
 def example_video() -> Path:

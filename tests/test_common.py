@@ -1,10 +1,7 @@
-"""common.py: loader errors, sampling, the generation loop, streaming decode, media I/O."""
+"""common.py: loader errors, config checks, sampling, the decode loop, streaming decode, images in memory."""
 
-import base64
-import io
-import sys
-import time
-from pathlib import Path
+import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -14,10 +11,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import common
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import make_video  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Weights
@@ -89,12 +82,25 @@ def test_checkpoint_dir_errors(tmp_path, monkeypatch):
         common.checkpoint_dir("someone/some-model-that-is-not-cached")
 
 
-def test_model_type_check():
-    common.check_model_type({"model_type": "qwen2_vl"}, "qwen2_vl", "qwen2_vl.py")
-    with pytest.raises(ValueError, match="model_type='video_llava'.*use video_llava.py"):
-        common.check_model_type({"model_type": "video_llava"}, "qwen2_vl", "qwen2_vl.py")
+@dataclasses.dataclass(frozen=True)
+class Width:
+    hidden_size: int
+
+
+def test_model_type_check(tmp_path):
+    def read(model_type, **fields):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **fields}))
+        return common.read_config(tmp_path, "qwen2_vl", lambda raw: Width(raw["hidden_size"]))
+
+    assert read("qwen2_vl", hidden_size=8) == ({"model_type": "qwen2_vl", "hidden_size": 8}, Width(8))
+    with pytest.raises(ValueError, match="the field 'hidden_size' is missing"):
+        read("qwen2_vl")
+    with pytest.raises(ValueError, match="hidden_size = 0, expected a whole number >= 1"):
+        read("qwen2_vl", hidden_size=0)
+    with pytest.raises(ValueError, match="model_type='video_llava', but qwen2_vl.py .*use video_llava.py"):
+        read("video_llava")
     with pytest.raises(ValueError, match="model_type='llama'"):
-        common.check_model_type({"model_type": "llama"}, "qwen2_vl", "qwen2_vl.py")
+        read("llama")
 
 
 def test_pick_dtype():
@@ -108,7 +114,7 @@ def test_pick_dtype():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sampling and the generation loop
+# Sampling and the decode loop
 
 
 def test_pad_batch():
@@ -142,33 +148,52 @@ def test_repetition_penalty():
     assert common.sample(logits, seen, repetition_penalty=2.0).item() == 3  # -1.0 -> -2.0 loses to -1.5
 
 
-def test_generate_loop_stops_rows_and_pads():
+def test_decode_loop_stops_rows_and_pads():
+    """Rows that reach EOS are padded from there on; the columns after every row has finished are cut."""
     V, eos, pad = 6, 5, 0
     script = torch.tensor([[1, 2, 5, 3, 3, 3, 3, 3, 3, 3], [2, 2, 2, 2, 5, 1, 1, 1, 1, 1]])
+    prompt = (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
 
     def onehot(col):
         return torch.nn.functional.one_hot(script[:, col], V).float()
 
-    out = common.generate_loop(
-        onehot(0),
-        lambda tok, i: onehot(i + 1),
-        torch.ones(2, 3, dtype=torch.long),
-        torch.ones(2, 3),
-        common.GenerationSettings(max_new_tokens=10),
-        [eos],
-        pad,
-    )
-    assert out.tokens.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]] and out.stopped == "eos"
-    out = common.generate_loop(
-        onehot(0),
-        lambda tok, i: onehot(i + 1),
-        torch.ones(2, 3, dtype=torch.long),
-        torch.ones(2, 3),
-        common.GenerationSettings(max_new_tokens=4),
-        [],
-        pad,
-    )
-    assert out.tokens.tolist() == script[:, :4].tolist() and out.stopped == "max_new_tokens"
+    settings = common.GenerationSettings(max_new_tokens=10, eos_token_ids=eos)
+    out = common.decode(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
+    assert out.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]]
+    settings = common.GenerationSettings(max_new_tokens=4, eos_token_ids=[])
+    out = common.decode(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
+    assert out.tolist() == script[:, :4].tolist()
+
+
+def test_generation_settings_are_checked():
+    assert common.GenerationSettings(eos_token_ids=7).eos_token_ids == [7]
+    for bad, needle in (
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
+        (dict(top_p=float("inf")), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=None), "temperature must be a number"),
+        (dict(seed=-1), "seed must be a whole number"),
+        (dict(eos_token_ids=["x"]), "eos_token_ids must be token ids"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            common.GenerationSettings(**bad)
+
+
+def test_generate_door_and_feature_count():
+    ids, s = torch.ones(1, 4, dtype=torch.long), common.GenerationSettings(max_new_tokens=8)
+    assert common.check_generate_inputs(ids, None, s).tolist() == [[1, 1, 1, 1]]
+    for args, needle in (
+        ((ids[0], None, s), r"input_ids must be \(B, T\)"),
+        ((ids, torch.ones(1, 3), s), "does not match input_ids"),
+        ((ids.expand(2, 4), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), s), "left padding"),
+        ((ids.expand(2, 4), None, s, print), "streaming needs a single prompt"),
+        ((ids, None, s, None, 10), "max_position_embeddings \\(10\\)"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            common.check_generate_inputs(*args)
+    common.check_feature_count("image", "<image>", ids == 1, 4)
+    with pytest.raises(ValueError, match="the prompt has 4 <image> tokens but the images give 3 features"):
+        common.check_feature_count("image", "<image>", ids == 1, 3)
 
 
 def test_streaming_decode_is_utf8_safe(tmp_path):
@@ -177,8 +202,11 @@ def test_streaming_decode_is_utf8_safe(tmp_path):
     text = "你好，世界。这是一张图片。 émigré 🙂 ✓"
     ids = tok.encode(text)
     assert len(ids) > len(text) // 2  # byte-level pieces split multi-byte characters
-    push = tok.stream()
-    pieces = [push(i) for i in ids]
+    pieces = []
+    stream = common.TextStream(pieces.append, tok)
+    for i in ids:
+        stream(i)
+    stream.flush()
     assert "".join(pieces) == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
     with pytest.raises(ValueError, match="not in this tokenizer.json"):
@@ -186,163 +214,22 @@ def test_streaming_decode_is_utf8_safe(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Media
+# Images in memory: taken as they are, without media.py
 
 
-def test_load_image_sources(tmp_path):
-    arr = tiny.synthetic_image(30, 40)
-    path = tmp_path / "x.png"
-    Image.fromarray(arr).save(path)
-    data_uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-    for src in (str(path), path, data_uri, Image.fromarray(arr), arr):
-        assert np.array_equal(np.asarray(common.load_image(src)), arr)
-    with pytest.raises(FileNotFoundError, match="image file not found"):
-        common.load_image(tmp_path / "missing.png")
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ValueError, match="not a readable image"):
-        common.load_image(tmp_path / "bad.png")
-    with pytest.raises(ValueError, match="uint8"):
-        common.load_image(arr.astype(np.float32))
-
-
-def test_image_and_video_arrays_in_either_layout():
-    """NumPy/PIL's (H, W, C) and torchvision's (C, H, W), arrays or tensors, give the same pixels."""
+def test_image_to_uint8_takes_rgb_images_arrays_and_tensors_itself(monkeypatch):
+    """A PIL RGB image, an (H, W, 3) or (3, H, W) uint8 array or tensor need nothing from media.py."""
+    monkeypatch.setitem(__import__("sys").modules, "media", None)  # importing media now fails
     arr = tiny.synthetic_image(30, 40)  # (H, W, 3)
+    want = torch.from_numpy(arr).permute(2, 0, 1)
     chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    gray = (
-        arr[..., :1],
-        torch.from_numpy(chw[:1]),
-        np.concatenate([arr[..., :1], np.full_like(arr[..., :1], 255)], -1),
-    )
-    for src in (chw, torch.from_numpy(chw), torch.from_numpy(arr), *gray):  # the last: grey + opaque alpha
-        want = arr if src.shape[-1] == 3 or src.shape[0] == 3 else np.repeat(arr[..., :1], 3, axis=-1)
-        assert np.array_equal(np.asarray(common.load_image(src)), want), tuple(src.shape)
-    for bad, needle in (
-        (torch.rand(3, 30, 40), r"must be uint8 .* got float32 \(3, 30, 40\)"),
-        (arr[:, :, None], r"got uint8 \(30, 40, 1, 3\)"),
-        (np.zeros((5, 30, 40), np.uint8), r"with C = 1 to 4; got uint8 \(5, 30, 40\)"),
-        (None, "not NoneType"),
-    ):
-        with pytest.raises(ValueError, match=needle):
-            common.load_image(bad)
-    video = np.stack([tiny.synthetic_image(30, 40, seed=i) for i in range(3)])  # (F, H, W, 3)
-    want = common.frames_to_uint8(video)
-    fchw = np.ascontiguousarray(video.transpose(0, 3, 1, 2))
-    for frames in (torch.from_numpy(video), fchw, torch.from_numpy(fchw), list(torch.from_numpy(fchw))):
-        assert torch.equal(common.frames_to_uint8(frames), want)
-
-
-def test_exif_orientation_and_alpha(tmp_path):
-    arr = tiny.synthetic_image(20, 50)
-    img = Image.fromarray(arr)
-    exif = img.getexif()
-    exif[0x0112] = 6  # "rotate 90 clockwise to display"
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
-    (tmp_path / "rot.jpg").write_bytes(buf.getvalue())
-    assert common.load_image(tmp_path / "rot.jpg").size == (20, 50)  # width, height after rotation
-    rgba = np.zeros((4, 4, 4), np.uint8)
-    rgba[..., 0] = 200
-    rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
-    out = np.asarray(common.load_image(Image.fromarray(rgba, "RGBA")))
-    assert out[0, 0].tolist() == [200, 0, 0] and out[3, 0].tolist() == [255, 255, 255]
-
-
-@pytest.fixture(scope="module")
-def video_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    frames = np.stack([np.full((32, 48, 3), 6 * i, np.uint8) for i in range(40)])
-    make_video.write_video(path, frames, fps=20)
-    return path
-
-
-def test_load_video_sampling(video_file):
-    everything = common.load_video(video_file, num_frames=40)
-    assert everything.indices == list(range(40)) and everything.total_frames == 40 and everything.fps == 20.0
-    v = common.load_video(video_file, num_frames=4)  # sparse: seeks to each frame
-    assert (
-        v.indices == [0, 10, 20, 30]
-        and v.timestamps == [0.0, 0.5, 1.0, 1.5]
-        and v.frames.shape == (4, 32, 48, 3)
-    )
-    dense = common.load_video(video_file, num_frames=30)  # dense: one pass
-    for got in (v, dense):
-        assert np.array_equal(got.frames, everything.frames[got.indices])  # the right frames, seek or not
-    assert common.load_video(video_file, fps=4).indices == [0, 5, 10, 15, 20, 25, 30, 35]
-    assert len(common.load_video(video_file, num_frames=100).indices) == 40  # clamped to what the file has
-    more = common.load_video(video_file, num_frames=100, repeat=True)  # or each frame in turn, repeated
-    assert more.indices == [i * 40 // 100 for i in range(100)] and more.indices[:6] == [0, 0, 0, 1, 1, 2]
-    assert np.array_equal(more.frames, everything.frames[more.indices])
-    rate = common.load_video(video_file, fps=80, repeat=True)  # 160 frames asked by rate: never repeated
-    assert rate.indices == list(range(40))
-
-
-def test_frame_sampling_notes(capsys):
-    rate = "12 frames at 4 per second; using them instead of 100 per second"  # a rate never repeats
-    for args, kw, indices, note in (
-        ((3, 8), dict(repeat=True), [0, 0, 0, 1, 1, 1, 2, 2], "3 frames; repeating them to make 8"),
-        ((3, 8), {}, [0, 1, 2], "3 frames; using them instead of 8"),
-        ((1, 4), dict(repeat=True), [0] * 4, "1 frame; repeating it to make 4"),
-        ((12,), dict(fps=100, video_fps=4.0), list(range(12)), rate),
-        ((12,), dict(fps=100, video_fps=4.0, repeat=True), list(range(12)), rate),
-    ):
-        assert common.sample_frame_indices(*args, **kw) == indices
-        assert capsys.readouterr().err == f"note: the video has {note}\n"
-    assert common.sample_frame_indices(3, 3, repeat=True) == [0, 1, 2] and not capsys.readouterr().err
-
-
-def test_load_video_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="video file not found"):
-        common.load_video(tmp_path / "missing.mp4")
-    (tmp_path / "bad.mp4").write_bytes(b"garbage" * 50)
-    with pytest.raises(ValueError, match="not a readable video"):
-        common.load_video(tmp_path / "bad.mp4")
-    make_video.write_video(tmp_path / "empty.mp4", np.zeros((0, 32, 32, 3), np.uint8))
-    with pytest.raises(ValueError, match="no video frames"):
-        common.load_video(tmp_path / "empty.mp4")
-
-
-def test_record_shapes_hooks_named_stages_and_removes_them():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    stages = [("0", "first linear", "(B, 8)"), ("2", "second linear", "(B, 3)")]
-    with common.record_shapes(model, stages) as rows:
-        model(torch.zeros(5, 4))
-        model(torch.zeros(1, 4))  # a second call (a decode step) adds rows
-    got = [(r["module"], r["shape"]) for r in rows]
-    assert got == [("0", (5, 8)), ("2", (5, 3)), ("0", (1, 8)), ("2", (1, 3))]
-    assert rows[1]["stage"] == "second linear" and rows[1]["legend"] == "(B, 3)"
-    model(torch.zeros(2, 4))
-    assert len(rows) == 4, "the hooks are gone after the block"
-    with pytest.raises(AttributeError):
-        with common.record_shapes(model, [("9", "no such module", "")]):
-            pass
-
-
-def test_url_downloads_have_a_total_deadline(monkeypatch):
-    """A server that dribbles bytes never trips the per-read timeout; the total deadline stops it."""
-    import http.server
-    import threading
-
-    class Dribble(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            try:
-                for _ in range(40):
-                    self.wfile.write(b"x" * 10)
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Dribble)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(common, "URL_DEADLINE_S", 0.3)
-    t0 = time.perf_counter()
-    with pytest.raises(ValueError, match="took more than 0.3 s"):
-        common.load_image(f"http://127.0.0.1:{server.server_port}/slow.png")
-    assert time.perf_counter() - t0 < 1.5
-    server.shutdown()
+    for src in (Image.fromarray(arr), arr, torch.from_numpy(arr), chw, torch.from_numpy(chw)):
+        got = common.image_to_uint8(src)
+        assert torch.equal(got, want) and got.is_contiguous(), type(src)
+    video = np.stack([arr, arr[::-1]])  # (F, H, W, 3), as PyAV gives it
+    assert torch.equal(common.frames_to_uint8(video), torch.stack([want, want.flip(1)]))
+    keyed = Image.fromarray(arr)
+    keyed.info["transparency"] = (0, 0, 0)  # an RGB image with a transparent colour: composited onto white
+    for other in (Image.fromarray(arr).convert("L"), keyed):  # media.py converts them, as the reference does
+        with pytest.raises(ImportError):
+            common.image_to_uint8(other)

@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 quantization (common.quantize, load(..., quantize=...), --quantize).
+"""Weight-only int8/int4 quantization (quant.quantize, load(..., quantize=...), --quantize).
 
 The kernels are checked against the readable maths (quantize, dequantize, x @ dequantize(W).T), a quantized
 model against the same model with its decoder weights replaced by dequantize(quantize(W)), and the
@@ -11,10 +11,10 @@ import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import common
+import quant
 
 FILES = ["qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm"]
-MODES = common.QUANTIZE_MODES
+MODES = quant.MODES
 PLACEHOLDER = {"qwen2_vl": "<|image_pad|>", "perception_lm": "<|image|>"}  # the others: <image>
 
 
@@ -24,7 +24,7 @@ def one_image_inputs(file, proc, seed=0) -> dict:
 
 
 def quantized_layers(model) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, common.QuantLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (quant.Int8Linear, quant.Int4Linear))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -33,18 +33,18 @@ def quantized_layers(model) -> dict[str, torch.nn.Module]:
 
 def test_readable_maths_round_trips():
     w = torch.randn(40, 256)
-    q, scale = common.quantize_int8(w)
+    q, scale = quant.quantize_int8(w)
     assert q.dtype == torch.int8 and q.abs().max() == 127  # the largest weight of each row maps to +-127
-    assert ((common.dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
-    q, scale, zero = common.quantize_int4(w, 128)
+    assert ((quant.dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    q, scale, zero = quant.quantize_int4(w, 128)
     assert q.dtype == torch.uint8 and int(q.min()) == 0 and int(q.max()) == 15 and scale.shape == (40, 2)
-    error = (common.dequantize_int4(q, scale, zero) - w).abs().reshape(40, 2, 128)
+    error = (quant.dequantize_int4(q, scale, zero) - w).abs().reshape(40, 2, 128)
     assert (error <= scale[..., None] / 2 + 1e-6).all()  # within half a step of its group
-    assert [common.int4_group_size(k) for k in (1536, 896, 64, 96, 48)] == [128, 128, 64, 32, None]
+    assert [quant.int4_group_size(k) for k in (1536, 896, 64, 96, 48)] == [128, 128, 64, 32, None]
 
 
 class Holder(torch.nn.Module):
-    """A one-layer model for `common.quantize`: `body` is its decoder."""
+    """A one-layer model for `quant.quantize`: `body` is its decoder."""
 
     quantized_parts = ("body",)
 
@@ -61,12 +61,12 @@ def test_kernel_equals_readable_maths(N, K, M, mode, dtype):
     torch.manual_seed(0)
     linear = torch.nn.Linear(K, N)
     w, b = linear.weight.detach().clone(), linear.bias.detach().clone()
-    layer = common.quantize(Holder(linear), mode, dtype=dtype).body
-    assert isinstance(layer, common.QuantLinear)
+    layer = quant.quantize(Holder(linear), mode, dtype=dtype).body
+    assert isinstance(layer, quant.Int8Linear if mode == "int8" else quant.Int4Linear)
     if mode == "int8":
-        readable = common.dequantize_int8(*common.quantize_int8(w))
+        readable = quant.dequantize_int8(*quant.quantize_int8(w))
     else:
-        readable = common.dequantize_int4(*common.quantize_int4(w, layer.group_size))
+        readable = quant.dequantize_int4(*quant.quantize_int4(w, layer.group_size))
     x = torch.randn(M, 1, K).to(dtype)  # (B, T, K)
     want = x.float() @ readable.T + b.to(dtype).float()  # (B, T, N)
     got = layer(x)
@@ -77,11 +77,11 @@ def test_kernel_equals_readable_maths(N, K, M, mode, dtype):
 
 def test_bad_modes_and_shapes():
     with pytest.raises(ValueError, match="quantize must be one of int8, int4, not 'int3'"):
-        common.quantize(Holder(torch.nn.Linear(64, 16)), "int3")
+        quant.quantize(Holder(torch.nn.Linear(64, 16)), "int3")
     with pytest.raises(ValueError, match="int4 cannot take layer body: its 48 inputs"):
-        common.quantize(Holder(torch.nn.Linear(48, 16)), "int4")
+        quant.quantize(Holder(torch.nn.Linear(48, 16)), "int4")
     with pytest.raises(ValueError, match="quantized weights run on cpu or cuda"):
-        common.quantize(Holder(torch.nn.Linear(64, 16)), "int8", device="mps")
+        quant.quantize(Holder(torch.nn.Linear(64, 16)), "int8", device="mps")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,9 +96,9 @@ def fake_quantized(model, mode):
         if isinstance(m, torch.nn.Linear) and name.split(".")[0] in parts:
             w = m.weight.detach()
             if mode == "int8":
-                deq = common.dequantize_int8(*common.quantize_int8(w))
+                deq = quant.dequantize_int8(*quant.quantize_int8(w))
             else:
-                deq = common.dequantize_int4(*common.quantize_int4(w, common.int4_group_size(w.shape[1])))
+                deq = quant.dequantize_int4(*quant.quantize_int4(w, quant.int4_group_size(w.shape[1])))
             m.weight = torch.nn.Parameter(deq.to(w.dtype))  # a new Parameter: a tied embedding keeps its own
     return model
 
@@ -258,7 +258,9 @@ def test_cuda_quantized(file, mode, hub_checkpoint):
     m = importlib.import_module(file)
     f32, proc = m.load(hub_checkpoint(file), device="cpu")
     model, _ = m.load(hub_checkpoint(file), device="cuda", quantize=mode)
-    assert all(q.packed_for == "cuda" for q in quantized_layers(model).values())
+    layers = quantized_layers(model).values()
+    assert all(t.device.type == "cuda" for q in layers for t in q.buffers())
+    assert all(q.packed_for == "cuda" for q in layers if isinstance(q, quant.Int4Linear))
     inputs = [one_image_inputs(file, proc, seed) for seed in range(3)]
     on_gpu = [{k: v.cuda() for k, v in x.items()} for x in inputs]
     want, got = last_logits(f32, inputs), [g.cpu() for g in last_logits(model, on_gpu)]

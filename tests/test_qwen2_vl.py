@@ -14,6 +14,7 @@ from PIL import Image
 from tiny import max_diff, user
 
 import common
+import media
 import qwen2_vl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,11 +314,13 @@ def test_vision_heads_divide_embed_dim_not_hidden_size(tmp_path):
     divide it (bench.py's "small" configuration: 640 and 6 heads); its attention width, embed_dim, must."""
     raw = json.loads((DATA / "Qwen2-VL-2B-Instruct.config.json").read_text())
     raw["vision_config"]["num_heads"] = 20  # 1280 / 20 = 64, while 1536 / 20 is not whole
-    cfg = common.checked_config(qwen2_vl.config_from_hf, raw, tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _, cfg = common.read_config(tmp_path, "qwen2_vl", qwen2_vl.config_from_hf)
     assert cfg.vision_config.num_heads == 20
     raw["vision_config"]["num_heads"] = 24
+    (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="vision_config.embed_dim = 1280 does not divide by num_heads = 24"):
-        common.checked_config(qwen2_vl.config_from_hf, raw, tmp_path / "config.json")
+        common.read_config(tmp_path, "qwen2_vl", qwen2_vl.config_from_hf)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ def test_cli_streams_the_generated_text(dirs, ours, tmp_path):
     model, proc = ours
     inputs = proc(
         text=proc.apply_chat_template(user("image", text="Describe this image.")),
-        images=[common.load_image(path)],
+        images=[media.load_image(path)],
     )
     ids = model.generate(**inputs, max_new_tokens=12)
     assert stdout == proc.decode(ids[0]) + "\n"
@@ -373,7 +376,7 @@ def test_bad_inputs(dirs, ours, tmp_path):
     inputs = proc(text=proc.apply_chat_template(user("image")), images=[image("photo")])
     ids = inputs["input_ids"].clone()
     ids[ids == proc.image_token_id] = proc.pad_token_id  # as if the placeholders had been truncated away
-    with pytest.raises(ValueError, match="0 image placeholder tokens but the images' grids give 54"):
+    with pytest.raises(ValueError, match="0 <\\|image_pad\\|> tokens but the images give 54 features"):
         model(**dict(inputs, input_ids=ids))
     with pytest.raises(TypeError, match="token_type_ids"):
         model(**inputs, token_type_ids=inputs["mm_token_type_ids"])
