@@ -250,7 +250,7 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
             mark_first()
             return scores
 
-    # ours: common.decode calls common.sample once per new token; main() patches this in while timing
+    # ours: common.decode_loop calls common.sample once per new token; main() patches this in while timing
     real_sample = common.sample
     BENCHED["sample"] = lambda *args, **kw: mark_first() or real_sample(*args, **kw)
 

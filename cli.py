@@ -169,8 +169,8 @@ def load_media(a, processor) -> tuple[list, list[media.Video]]:
 def messages(a, n_images: int, n_videos: int) -> list[dict]:
     """The chat of one command-line question: --system if given, then one user turn with the images, the
     videos and the --prompt text."""
-    media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
-    user = {"role": "user", "content": media + [{"type": "text", "text": a.prompt}]}
+    items = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    user = {"role": "user", "content": items + [{"type": "text", "text": a.prompt}]}
     system = getattr(a, "system", None)  # "" is an empty system turn, as the checkpoints' templates render it
     return ([{"role": "system", "content": system}] if system is not None else []) + [user]
 
@@ -301,9 +301,13 @@ def run_main(main: Callable[[], None]) -> None:
     """Runs a CLI's main(). A problem the user can cause (ValueError, OSError, out of memory) ends with one
     `error: ...` line (exit status 1), Ctrl-C with one line (exit status 130); warnings are one `warning: ...`
     line each. Anything else is a bug: one line saying so, then its traceback."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
-        main()
+        with warnings.catch_warnings():  # each warning one line on stderr, every time it is raised
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *args, **kwargs: print(
+                f"warning: {message}", file=sys.stderr
+            )
+            main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,8 +1,8 @@
 """What the five model files share that is not architecture: device and dtype, prompts (tokenizer,
 placeholders, batches, pixels), checkpoints (files, config and its checks, weights, EOS ids) and generation
 (the checks at its door, sampling, the decode loop). The unit a researcher copies is a model file and this
-file: cli.py, quant.py and media.py are imported only for the command line, int8/int4 weights, or files, URLs
-and videos. Layers never live here: every model file defines its own. Nothing here keeps state between calls.
+file: cli.py, quant.py and media.py are imported only for the command line, int8/int4 weights, and files,
+URLs, videos, 16-bit images or odd array layouts. Layers never live here; nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,23 +61,22 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, quantize=N
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
-    if dtype == torch.float16:  # notes for the person at the terminal go to stderr: stdout is for the answer
-        print("warning: float16 overflows in these models (NaN logits); prefer bfloat16", file=sys.stderr)
+    if dtype == torch.float16:
+        warnings.warn("float16 overflows in these models (NaN logits); prefer bfloat16", stacklevel=3)
     if quantize and dtype == torch.float32 and device.type == "cpu":
-        print(
-            f"warning: {quantize} with float32 activations is slow on the CPU; prefer bfloat16",
-            file=sys.stderr,
+        warnings.warn(
+            f"{quantize} with float32 activations is slow on the CPU; prefer bfloat16", stacklevel=3
         )
     return dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts: tokenizer, placeholders, batches
+# Prompts: tokenizer, placeholders, batches, pixels
 
 
 class Tokenizer:
-    """`tokenizer.json` through the `tokenizers` library. Nothing is added implicitly: the prompt formats in
-    the model files write their special tokens (BOS, <|im_start|>, ...) themselves."""
+    """`tokenizer.json` through `tokenizers`. Nothing is added implicitly: each model file writes its special
+    tokens (BOS, <|im_start|>, ...) in its prompt format."""
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tokenizer
@@ -118,8 +118,7 @@ def check_placeholders(texts: list[str], media: dict[str, list], hint="use apply
 
 
 def expand_placeholders(texts: list[str], tokens: dict[str, list[int]]) -> list[str]:
-    """Each placeholder in `texts` repeated as many times as its item has tokens. `tokens` maps a placeholder
-    to the token count of each of its items, in their order across the batch."""
+    """Each placeholder repeated as many times as its item has tokens (`tokens`: placeholder -> counts)."""
     left = {p: iter(counts) for p, counts in tokens.items()}
     pattern = re.compile("|".join(re.escape(p) for p in tokens))
     return [pattern.sub(lambda m: m.group(0) * next(left[m.group(0)]), t) for t in texts]
@@ -148,18 +147,23 @@ def as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Images and frames as uint8 pixels
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit PIL image in RGB, transparency composited onto white (as the reference processors do)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def image_to_uint8(image) -> torch.Tensor:
-    """An image -> (3, H, W) uint8, the layout the resize functions take. Taken as they are: a PIL RGB image
-    (with no transparent colour), a uint8 array or tensor laid out (H, W, 3) as PIL and NumPy do or (3, H, W)
-    as torchvision does. Anything else (a path, a URL, a data URI, another mode or layout) goes to media.py.
+    """An image -> (3, H, W) uint8, the layout the resize functions take: a PIL image of any 8-bit mode, or a
+    uint8 array or tensor laid out (H, W, 3) as PIL and NumPy do or (3, H, W) as torchvision does. Anything
+    else (a path, a URL, a data URI, a 16-bit image, another layout) goes through media.py.
     NOTE: contiguous, because torch's uint8 resize may round differently on a channels-last view."""
-    rgb = isinstance(image, Image.Image) and image.mode == "RGB" and "transparency" not in image.info
-    x = np.array(image) if rgb else image
-    x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) and x.dtype == np.uint8 else x
+    x = image
+    if isinstance(x, Image.Image) and not x.mode.startswith(("I", "F")):  # 16/32-bit: media.to_rgb scales
+        x = np.asarray(to_rgb(x))  # (H, W, 3)
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+        x = torch.tensor(x)  # a copy
     if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 3:
         if x.shape[-1] == 3:
             return x.detach().cpu().permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
@@ -171,10 +175,12 @@ def image_to_uint8(image) -> torch.Tensor:
 
 
 def frames_to_uint8(frames) -> torch.Tensor:
-    """A video's frames -> (F, 3, H, W) uint8: a list of images, or an (F, H, W, C) or (F, C, H, W) array or
-    tensor (PyAV gives (F, H, W, 3)), each frame as `image_to_uint8` takes it."""
+    """A video's frames -> (F, 3, H, W) uint8: an (F, H, W, 3) uint8 array as PyAV gives it, or anything whose
+    frames `image_to_uint8` takes (a list of images, an (F, C, H, W) or (F, H, W, C) array or tensor)."""
     if len(frames) == 0:
         raise ValueError("a video with zero frames was given")
+    if isinstance(f := frames, np.ndarray) and f.ndim == 4 and f.dtype == np.uint8 and f.shape[-1] == 3:
+        return torch.from_numpy(np.ascontiguousarray(f)).permute(0, 3, 1, 2).contiguous()  # (F, 3, H, W)
     return torch.stack([image_to_uint8(f) for f in frames])  # (F, 3, H, W)
 
 
@@ -369,9 +375,8 @@ def open_safetensors(f: Path):
 
 def load_weights(model, ckpt: Path, rename: Callable, device, dtype, tied: dict | None = None) -> None:
     """Fill a model built on the meta device: read every tensor (mmap), `rename` it (None drops it), check the
-    names and shapes strictly, cast floating tensors to `dtype` once, and `load_state_dict(assign=True)`.
-    `tied` maps a parameter to the one it shares storage with (e.g. lm_head -> embed_tokens). A layer with a
-    `quantized_state(w)` method (quant.py's) turns each float weight into its buffers as it is read."""
+    names and shapes strictly, cast floats to `dtype` once, `load_state_dict(assign=True)`. `tied`: a name ->
+    the one it shares (lm_head -> embed_tokens). quant.py's layers quantize each weight as it is read."""
     tied = tied or {}
     quantized = {f"{n}.weight": m for n, m in model.named_modules() if hasattr(m, "quantized_state")}
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -447,8 +452,7 @@ def check_weight_names(ckpt: Path, want: dict, shapes: dict, unexpected: list) -
 
 @dataclass
 class GenerationSettings:
-    """Sampling settings, checked when made: a value out of range is an error, never a silently odd answer.
-    `eos_token_ids`: the ids that end a row (one id or a list; [] never stops early)."""
+    """Sampling settings, checked when made; `eos_token_ids`: one id or a list ([] never stops early)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -479,9 +483,8 @@ class GenerationSettings:
 
 
 def check_generate_inputs(input_ids, attention_mask, settings, streamer=None, limit: int | None = None):
-    """generate()'s door: input_ids (B, T) with tokens; attention_mask (B, T) (ones when None) left-padded, so
-    that the new tokens of all rows go to the same cache slot; a streamer only for one row; with `limit`
-    (max_position_embeddings), room for the new tokens (`check_context`). Returns the attention mask."""
+    """generate()'s door: input_ids (B, T); attention_mask (ones when None) left-padded, so the new tokens of
+    all rows go to one cache slot; a streamer for one row only; room for the new tokens below `limit`."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}: [None] adds the batch")
     if input_ids.shape[1] == 0:
@@ -500,8 +503,7 @@ def check_generate_inputs(input_ids, attention_mask, settings, streamer=None, li
 
 
 def check_context(n_positions: int, max_new_tokens: int, limit: int) -> None:
-    """The prompt's positions and the new tokens within max_position_embeddings (no decoder here went further
-    in training)."""
+    """The prompt's positions and the new tokens within max_position_embeddings (none was trained longer)."""
     if n_positions + max_new_tokens > limit:
         raise ValueError(
             f"the prompt takes {n_positions} positions and max_new_tokens is {max_new_tokens}: together "
@@ -549,7 +551,7 @@ def sample(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_pe
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B, 1) -> (B,)
 
 
-def decode(
+def decode_loop(
     first_logits, step, prompt_ids, prompt_mask, settings, pad_token_id, streamer=None, tokenizer=None
 ):
     """The decode loop every model shares: sample a token per row, stop rows at EOS, feed the tokens back.
@@ -606,12 +608,15 @@ def tokens_seen(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, V: int) -> 
 
 
 class TextStream:
-    """Token ids -> text pieces for a `streamer` callable, holding back bytes until they form whole UTF-8
-    characters; `flush` sends what is still held back at the end, as decode() shows it."""
+    """Token ids -> text for a `streamer` callable in whole UTF-8 characters; `flush` sends what is left."""
 
     def __init__(self, streamer: Callable[[str], None], tokenizer: Tokenizer):
         from tokenizers.decoders import DecodeStream
 
+        if tokenizer is None:
+            raise ValueError(
+                "streaming needs the model's tokenizer: load the model with load(), which sets it"
+            )
         self.streamer, self.tokenizer, self.ids, self.shown = streamer, tokenizer, [], []
         self.state = DecodeStream(skip_special_tokens=True)
 
@@ -634,9 +639,8 @@ def trim_finished(out: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
 
 
 def compiled_decode_step(model: torch.nn.Module, caches: list[torch.nn.Module]):
-    """`torch.compile` of `model.decode_step`, made once per model: CUDA graphs on CUDA ("reduce-overhead"),
-    plain inductor on the CPU. NOTE: every step writes the caches in place; marking their addresses static
-    lets a CUDA graph use them where they are (an input it would otherwise copy, or refuse to capture)."""
+    """`torch.compile` of `model.decode_step`, once per model: CUDA graphs on CUDA, inductor on the CPU. NOTE:
+    static cache addresses let a CUDA graph use the caches where they are (it would copy, or refuse, them)."""
     for cache in caches:
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)

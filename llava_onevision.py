@@ -647,7 +647,7 @@ class LlavaOnevision(nn.Module):
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
         step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
         args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode(first, step, *args)
+        return common.decode_loop(first, step, *args)
 
 
 # ==========================================================================================================

@@ -6,8 +6,8 @@ needs.
   CMYK, palettes) and uint8 arrays or tensors in any of their layouts (`as_image`)
 - `load_video`: frames decoded with PyAV, sampled uniformly by count or by rate (`sample_frame_indices`),
   seeking to each frame when few are wanted
-A processor imports this module only for what common.image_to_uint8 does not take as it is: a PIL RGB image,
-or a uint8 array or tensor laid out (H, W, 3) or (3, H, W), never needs it.
+A processor imports this module only for what common.image_to_uint8 does not take itself: a PIL image of an
+8-bit mode, or a uint8 array or tensor laid out (H, W, 3) or (3, H, W), never needs it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import common
+
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 URL_TIMEOUT_S = 20  # for each read
 URL_DEADLINE_S = 60  # for a whole download
@@ -37,8 +39,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused (decompressi
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparency composited onto white (as the reference processors do); 16- and 32-bit grey scaled to
-    8 bits (PIL's own convert would clip them to nearly white)."""
+    """RGB, as common.to_rgb makes it; 16- and 32-bit grey images first scaled to 8 bits (PIL's own convert
+    would clip them to nearly white)."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         x = np.asarray(image, dtype=np.float64)
         if image.mode == "F":  # floats: 0..1, or already 0..255
@@ -46,9 +48,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         elif image.mode.startswith("I;16") or x.max(initial=0) > 255:  # 16-bit values ("I" holds them too)
             x = x / 257.0
         image = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image.convert("RGBA"))
-    return image.convert("RGB")
+    return common.to_rgb(image)
 
 
 def as_image(src) -> Image.Image:
@@ -125,8 +125,8 @@ def load_image(src, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
                 "the limit with --max-image-pixels N (media.load_image(src, max_pixels=N))"
             )
         image.load()
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{name}: {e}; downscale it") from e
+    except Image.DecompressionBombError as e:  # above Pillow's own limit, which this module leaves as it is
+        raise ValueError(f"{name} is larger than Pillow opens ({e}): downscale it") from e
     except UnidentifiedImageError as e:
         raise ValueError(f"{name} is not a readable image (not a format Pillow knows, or damaged)") from e
     except OSError as e:

@@ -578,7 +578,7 @@ class PaliGemma(nn.Module):
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
         step = lambda token, i: decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # 1-based
         args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode(first, step, *args)
+        return common.decode_loop(first, step, *args)
 
 
 # ==========================================================================================================
@@ -667,7 +667,7 @@ class Processor:
                     warnings.warn(
                         f"prompt {t!r} has no task prefix: the mix checkpoints expect one such as "
                         "'caption en', 'answer en <question>', 'detect <object>' or 'ocr'",
-                        stacklevel=2,
+                        stacklevel=3,
                     )
             rows = [build_prompt(t, len(ims)) for t, ims in zip(texts, per_row, strict=True)]
             images = [im for ims in per_row for im in ims]

@@ -559,9 +559,9 @@ class PerceptionLM(nn.Module):
             ("video", pixel_values_videos, self.cfg.video_token_id),
         ):
             is_pad = input_ids == token_id
-            need = 0 if pixels is None else pixels.shape[0] * pixels.shape[1] * self.tokens_per_tile()
-            how = f"{self.tokens_per_tile()} per tile or frame"
-            common.check_feature_count(what, f"<|{what}|>", is_pad, need, how)
+            per_tile = self.tokens_per_tile()
+            need = 0 if pixels is None else pixels.shape[0] * pixels.shape[1] * per_tile
+            common.check_feature_count(what, f"<|{what}|>", is_pad, need, f"{per_tile} per tile or frame")
             if pixels is not None:
                 feats = self.media_features(pixels.to(x.dtype))  # (need, D)
                 x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
@@ -628,7 +628,7 @@ class PerceptionLM(nn.Module):
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
         step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
         args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode(first, step, *args)
+        return common.decode_loop(first, step, *args)
 
 
 # ==========================================================================================================

@@ -90,6 +90,9 @@ class Int8Linear(nn.Module):
         q, scale = by_row_blocks(quantize_int8, w)
         return {"weight": q, "scale": scale.to(self.scale.dtype)}
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, int8, bias={self.bias is not None}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         lead, K = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, K).to(self.scale.dtype).contiguous()  # (M, K): the kernel takes 2-D rows
@@ -160,7 +163,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
-        return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, bias={bias}"
+        return f"{self.in_features}, {self.out_features}, int4, group_size={self.group_size}, bias={bias}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +190,8 @@ def quantize(
         if not isinstance(m, nn.Linear) or not any(name == p or name.startswith(p + ".") for p in parts):
             continue
         where = torch.device(device) if device is not None else m.weight.device
-        args = (m.in_features, m.out_features, m.bias is not None, dtype or m.weight.dtype)
+        layer_dtype = dtype or m.weight.dtype
+        args = (m.in_features, m.out_features, m.bias is not None, layer_dtype)
         if mode == "int8":
             q = Int8Linear(*args)
         else:
@@ -195,7 +199,7 @@ def quantize(
         if m.weight.device.type != "meta":
             state = q.quantized_state(m.weight.to(where))
             if m.bias is not None:
-                state["bias"] = m.bias.detach().to(where, args[3])
+                state["bias"] = m.bias.detach().to(where, layer_dtype)
             q.load_state_dict(state, assign=True)
         *parent, leaf = name.split(".")
         setattr(model.get_submodule(".".join(parent)), leaf, q)

@@ -552,7 +552,9 @@ class Qwen2VL(nn.Module):
             ("video", pixel_values_videos, video_grid_thw, self.cfg.video_token_id),
         ):
             is_pad = input_ids == token_id
-            need = 0 if grid is None or pixels is None else int(grid.prod(-1).sum()) // merge**2
+            if (pixels is None) != (grid is None):
+                raise ValueError(f"{what} pixels and grid_thw come together: pass the processor's output")
+            need = 0 if grid is None else int(grid.prod(-1).sum()) // merge**2
             common.check_feature_count(what, f"<|{what}_pad|>", is_pad, need, "one per 2x2 merged patch")
             if need:
                 feats = self.visual(pixels.to(x.dtype), grid.cpu())  # (need, D)
@@ -633,7 +635,7 @@ class Qwen2VL(nn.Module):
         pos3_of = lambda i: (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1)
         step = lambda token, i: decode_step(token, pos3_of(i), next_slot + i, keep, caches)
         args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode(first, step, *args)
+        return common.decode_loop(first, step, *args)
 
 
 # ==========================================================================================================

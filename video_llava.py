@@ -23,8 +23,8 @@ Where things are (section: what to read first):
   3 vision towers: ClipVisionTower           4 projector: Projector
   5 decoder: rope_cos_sin, attend, KVCache, Attention
   6 the VLM: VideoLlava.image_features, video_features, embed / prefill / decode_step / generate
-  7 the processor: Processor (chat template, 8 frames, placeholders)   8 weights: config_from_hf, rename,
-    load                                     9 command line: STAGES (for --explain), main (cli.py)
+  7 the processor: Processor (chat template, 8 frames, placeholders)
+  8 weights: config_from_hf, rename, load    9 command line: STAGES (for --explain), main (cli.py)
 
 Paper: "Video-LLaVA: Learning United Visual Representation by Alignment Before Projection" (arXiv
 2311.10122). Matches transformers 5.23 `models/video_llava/` with `clip/` and `llama/`.
@@ -447,7 +447,9 @@ class VideoLlava(nn.Module):
         ):
             is_pad = input_ids == token_id
             need = 0 if pixels is None else pixels.shape[0] * per_item
-            common.check_feature_count(what, f"<{what}>", is_pad, need, "256 per image, 257 per video frame")
+            common.check_feature_count(
+                what, f"<{what}>", is_pad, need, f"{G * G} per image, {G * G + 1} per frame"
+            )
             if pixels is not None:
                 feats = features(pixels.to(x.dtype))  # (items, per_item, D)
                 x = x.masked_scatter(is_pad[..., None], feats.to(x.dtype))  # (B, T, D)
@@ -523,7 +525,7 @@ class VideoLlava(nn.Module):
         decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
         step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
         args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode(first, step, *args)
+        return common.decode_loop(first, step, *args)
 
 
 # ==========================================================================================================

@@ -158,10 +158,10 @@ def test_decode_loop_stops_rows_and_pads():
         return torch.nn.functional.one_hot(script[:, col], V).float()
 
     settings = common.GenerationSettings(max_new_tokens=10, eos_token_ids=eos)
-    out = common.decode(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
+    out = common.decode_loop(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
     assert out.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]]
     settings = common.GenerationSettings(max_new_tokens=4, eos_token_ids=[])
-    out = common.decode(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
+    out = common.decode_loop(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
     assert out.tolist() == script[:, :4].tolist()
 
 
@@ -209,6 +209,8 @@ def test_streaming_decode_is_utf8_safe(tmp_path):
     stream.flush()
     assert "".join(pieces) == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+    with pytest.raises(ValueError, match="streaming needs the model's tokenizer"):
+        common.TextStream(print, None)
     with pytest.raises(ValueError, match="not in this tokenizer.json"):
         tok.token_id("<|not_there|>")
 
@@ -217,8 +219,8 @@ def test_streaming_decode_is_utf8_safe(tmp_path):
 # Images in memory: taken as they are, without media.py
 
 
-def test_image_to_uint8_takes_rgb_images_arrays_and_tensors_itself(monkeypatch):
-    """A PIL RGB image, an (H, W, 3) or (3, H, W) uint8 array or tensor need nothing from media.py."""
+def test_image_to_uint8_takes_8_bit_images_arrays_and_tensors_itself(monkeypatch):
+    """PIL images of 8-bit modes, (H, W, 3) or (3, H, W) uint8 arrays and tensors need nothing of media.py."""
     monkeypatch.setitem(__import__("sys").modules, "media", None)  # importing media now fails
     arr = tiny.synthetic_image(30, 40)  # (H, W, 3)
     want = torch.from_numpy(arr).permute(2, 0, 1)
@@ -228,8 +230,11 @@ def test_image_to_uint8_takes_rgb_images_arrays_and_tensors_itself(monkeypatch):
         assert torch.equal(got, want) and got.is_contiguous(), type(src)
     video = np.stack([arr, arr[::-1]])  # (F, H, W, 3), as PyAV gives it
     assert torch.equal(common.frames_to_uint8(video), torch.stack([want, want.flip(1)]))
-    keyed = Image.fromarray(arr)
-    keyed.info["transparency"] = (0, 0, 0)  # an RGB image with a transparent colour: composited onto white
-    for other in (Image.fromarray(arr).convert("L"), keyed):  # media.py converts them, as the reference does
-        with pytest.raises(ImportError):
-            common.image_to_uint8(other)
+    rgba = np.concatenate([arr, np.full_like(arr[..., :1], 128)], axis=-1)  # half transparent
+    white = np.rint(arr * 0.502 + 255 * 0.498)  # composited onto white, as the reference processors do
+    got = common.image_to_uint8(Image.fromarray(rgba)).permute(1, 2, 0).numpy()
+    assert np.abs(got - white).max() <= 1
+    grey = Image.fromarray(arr).convert("L")
+    assert torch.equal(common.image_to_uint8(grey), torch.from_numpy(np.array(grey)).expand(3, -1, -1))
+    with pytest.raises(ImportError):  # a 16-bit image: media.py scales it to 8 bits
+        common.image_to_uint8(Image.fromarray(arr[..., 0].astype(np.uint16) * 257))

@@ -378,6 +378,8 @@ def test_bad_inputs(dirs, ours, tmp_path):
     ids[ids == proc.image_token_id] = proc.pad_token_id  # as if the placeholders had been truncated away
     with pytest.raises(ValueError, match="0 <\\|image_pad\\|> tokens but the images give 54 features"):
         model(**dict(inputs, input_ids=ids))
+    with pytest.raises(ValueError, match="image pixels and grid_thw come together"):
+        model(**dict(inputs, image_grid_thw=None))
     with pytest.raises(TypeError, match="token_type_ids"):
         model(**inputs, token_type_ids=inputs["mm_token_type_ids"])
     right = proc(text=["hi", "a longer prompt"], padding_side="right")
