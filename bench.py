@@ -233,6 +233,10 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
     swamps."""
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+    if a.chat:
+        return chat_runs(a, device, ours, ref, proc, hproc, media)
+    if a.folder:
+        return folder_runs(a, ours, proc)
     one = {k: [v] for k, v in media.items()}
     inputs = {k: v.to(device) for k, v in proc(text=text, **one).items()}
     batch = proc(text=[text] * a.batch, **{k: [v] * a.batch for k, v in media.items()})
@@ -313,6 +317,97 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
         plain = BENCHED["unquantized"]
         runs["ours unquantized"] = calls(lambda data, n: mine(data, n, plain))
     return runs
+
+
+def chat_runs(a, device, ours, ref, proc, hproc, media: dict) -> dict:
+    """--chat: the time to the first token of a short second turn after an image (or video) turn: ours on the
+    cache the first turn left (PaliGemma: a second task prefix on the kept vision features), against ours and
+    transformers running the whole conversation again as one prompt (what generate() does without a kept
+    cache). The first answer is a.new_tokens long."""
+    from transformers import GenerationConfig
+
+    import paligemma
+
+    (kind, item), plain = next(iter(media.items())), not hasattr(proc, "apply_chat_template")
+    if kind == "images":  # a photo's size, downscaled
+        item = Image.fromarray(tiny.synthetic_image(480, 640))
+    if a.model == "qwen2_vl":  # the tiny builds cap an image at 64 tokens; the published files give it 391
+        from dataclasses import replace
+
+        proc.image = replace(proc.image, max_pixels=1003520)
+        hproc.image_processor.size["longest_edge"] = 1003520
+    first, second = ("caption en", "detect square") if plain else ("Describe this. " * 4, "And its colour?")
+    conversation = (paligemma.Chat if plain else common.Chat)(ours, proc)
+    conversation.ask(first, **{kind: [item]}, max_new_tokens=a.new_tokens, eos_token_ids=[])
+    past = getattr(conversation, "past", None)
+    state = (conversation.input_ids, list(conversation.messages), past and (past.length, past.delta))
+
+    def kept():  # the second turn on the kept state, restored before each run
+        conversation.input_ids, conversation.messages = state[0], list(state[1])
+        if past is not None:
+            past.length, past.delta = state[2]
+        conversation.ask(second, max_new_tokens=1, eos_token_ids=[])
+
+    user = {"role": "user", "content": [{"type": "text", "text": second}]}
+    text = second if plain else proc.apply_chat_template(list(state[1]) + [user])
+    inputs = {k: v.to(device) for k, v in proc(text=text, **{kind: [item]}).items()}
+    hinputs = hproc(text=[text], **{kind: [item]}, return_tensors="pt").to(device)
+    config = GenerationConfig(do_sample=False, max_new_tokens=1, pad_token_id=0)
+    ids = inputs["input_ids"]
+    assert hinputs["input_ids"].shape == ids.shape, "both implementations read the same conversation"
+    BENCHED.update(model=ours, prompt_tokens=ids.shape[1], prompt=f"{ids.shape[1]}")
+    print(
+        f"{a.model} {a.size} --chat: turn 2 after a turn with one of {kind}; the whole conversation "
+        f"is {ids.shape[1]} tokens"
+    )
+    return {
+        "ours, kept cache": {"ttft_turn2_s": kept},
+        "ours, re-run": {"ttft_turn2_s": lambda: ours.generate(**inputs, max_new_tokens=1, eos_token_ids=[])},
+        "transformers, re-run": {"ttft_turn2_s": lambda: ref.generate(**hinputs, generation_config=config)},
+    }
+
+
+def folder_runs(a, ours, proc) -> dict:
+    """--folder: --batch images of a few sizes answered by the command line's batch code (cli.answer_rows,
+    image files read and all), in one generate() call against one call per image; images per second."""
+    import argparse as _argparse
+
+    import cli
+
+    folder = Path(tempfile.mkdtemp())
+    sizes = [(224, 224), (200, 260), (260, 200), (240, 240)]
+    for i in range(a.batch):
+        Image.fromarray(tiny.synthetic_image(*sizes[i % len(sizes)], seed=i)).save(folder / f"{i:02d}.png")
+    rows = [{"image": str(f), "prompt": "Describe this image."} for f in sorted(folder.iterdir())]
+    flags = _argparse.Namespace(max_image_pixels=10**8, max_new_tokens=a.new_tokens, temperature=0.0, top_k=0)
+    flags.__dict__.update(top_p=1.0, repetition_penalty=1.0, seed=None)
+    plain = not hasattr(proc, "apply_chat_template")
+    prompt_of = (lambda t: t) if plain else (lambda t: chat(proc, "image", t))
+    answer = lambda group: cli.answer_rows(group, flags, ours, proc, prompt_of)
+    BENCHED.update(model=ours, prompt="")
+    print(f"{a.model} {a.size} --folder: {a.batch} images, {a.new_tokens} new tokens each")
+    return {
+        f"ours, batch {a.batch}": {"seconds": lambda: answer(rows)},
+        "ours, one by one": {"seconds": lambda: [answer([r]) for r in rows]},
+    }
+
+
+def session_table(a, runs: dict, device) -> dict:
+    """--chat and --folder: each run's median time after one warm-up, interleaved, and the speed-ups."""
+    for fns in runs.values():  # warm-up
+        for fn in fns.values():
+            fn()
+    results = {name: {} for name in runs}
+    for key in next(iter(runs.values())):
+        for name in runs:
+            results[name][key] = median_time(runs[name][key], device, a.repeats)
+    base = next(iter(results))
+    for name, r in results.items():
+        key, t = next(iter(r.items()))
+        extra = f"  {a.batch / t:8.2f} images/s" if a.folder else ""
+        ratio = "" if name == base else f"  {t / results[base][key]:7.1f}x the time of {base}"
+        print(f"{name:24} {key} {t:9.4f}{extra}{ratio}")
+    return {"results": results}
 
 
 def chat(proc, kind: str, question: str) -> str:
@@ -451,6 +546,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=quant.MODES,
         help="ours quantized, against ours unquantized and transformers + torchao int8 (default dtype: bf16)",
     )
+    ap.add_argument(
+        "--chat",
+        action="store_true",
+        help="time to first token of a second chat turn: kept cache against re-running the conversation",
+    )
+    ap.add_argument(
+        "--folder", action="store_true", help="images/s of --batch images in one call against one by one"
+    )
     ap.add_argument("--memory", action="store_true", help="print the parameter memory table and stop")
     ap.add_argument(
         "--all",
@@ -461,6 +564,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--settings", help="with --all: a comma-separated subset of eager,compiled,int8,int4")
     ap.add_argument("--out", help="with --all: the table's file (default bench-all-DEVICE.md)")
     a = ap.parse_args(argv)
+    if a.chat and a.folder:
+        ap.error("--chat and --folder are two measurements: give one")
     if a.batch < 2 or a.new_tokens < 2:
         ap.error("--batch and --new-tokens must be at least 2 (batch 1 is always measured)")
     for flag, value, known in (("--models", a.models, BENCHES), ("--settings", a.settings, SETTINGS)):
@@ -496,6 +601,9 @@ def run(a: argparse.Namespace) -> dict:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     dtype = common.pick_dtype(a.dtype, device, a.quantize)
     runs = BENCHES[a.model](a, device, dtype)
+    if a.chat or a.folder:
+        with torch.inference_mode():
+            return session_table(a, runs, device)
     results = {name: {} for name in runs}
     warmup = {}
     with torch.inference_mode(), unittest.mock.patch.object(common, "sample", BENCHED["sample"]):

@@ -6,6 +6,8 @@
 - `say`, `generate_and_report`, `record_shapes`, `explain`: the stderr report (media lines, --explain
   shapes, the JSON summary); only the answer goes to stdout
 - `check_output_image`, `draw_boxes`: PaliGemma's --draw-boxes
+- `chat` (with `chat_command`, `ask`): --chat, a conversation on a kept cache through a terminal or a script
+- `batch` (with `batch_rows`, `answered`, `answer_rows`): --batch-input, one prompt over many images
 - `run_main`: one `error: ...` line and exit status 1 for a problem the user can fix, 130 for Ctrl-C
 A model file imports this module inside its `main()` only, so `import qwen2_vl` never loads it: the unit a
 researcher copies is the model file and common.py. The notebooks use `record_shapes` too.
@@ -72,13 +74,35 @@ def parser(
         ap.add_argument(
             "--fps", type=float, help="sample this many frames per second instead of --num-frames"
         )
-    prompt = ap.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the question or instruction")
+    prompt = ap.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the question or instruction (with --chat: the first one)")
     prompt.add_argument(
         "--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 text file (- for standard input)"
     )
     if system is not None:
         ap.add_argument("--system", help=f"system message (default: {system})")
+    ap.add_argument(
+        "--chat",
+        action="store_true",
+        help="a conversation: a question per line, the answers on the cache the earlier turns left "
+        + (
+            "(PaliGemma: a task prefix per line on the same image, its features kept)"
+            if system is None
+            else "(/help lists its commands)"
+        ),
+    )
+    ap.add_argument(
+        "--batch-input",
+        metavar="PATH",
+        help="answer --prompt for every image of a folder, or of a file with an image path or URL per line "
+        '(or, in a .jsonl file, lines {"image": ..., "prompt": ...}); JSON Lines on stdout',
+    )
+    ap.add_argument("--batch-size", type=int, help="images per generate call (default: 8)")
+    ap.add_argument(
+        "--output",
+        metavar="FILE",
+        help="with --batch-input: append the JSON lines to FILE, skipping the inputs FILE already answers",
+    )
     ap.add_argument("--show-prompt", action="store_true", help="print the full prompt to stderr")
     ap.add_argument("--explain", action="store_true", help="print each stage's tensor shape to stderr")
     g = ap.add_argument_group("generation")
@@ -139,8 +163,11 @@ def check(a: argparse.Namespace) -> argparse.Namespace:
     checkpoint: sampling ranges and the seed, the prompt (read from --prompt-file; UTF-8), frame counts, the
     image size limit, that local media files exist, the device."""
     common.GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    check_modes(a)
     if a.prompt_file is not None:
         a.prompt = read_prompt_file(a.prompt_file)
+    if a.prompt is None and not a.chat and not str(a.batch_input).endswith(".jsonl"):
+        raise ValueError("the prompt is missing: pass --prompt TEXT (or --prompt-file PATH, or --chat)")
     for flag in ("prompt", "system"):
         text = getattr(a, flag, None)
         # NOTE: Python keeps command-line bytes that are not UTF-8 as lone surrogates
@@ -158,6 +185,30 @@ def check(a: argparse.Namespace) -> argparse.Namespace:
     return a
 
 
+def check_modes(a: argparse.Namespace) -> None:
+    """--chat and --batch-input: what goes with them and what does not."""
+    if a.chat and a.batch_input:
+        raise ValueError("--chat and --batch-input do not go together: use one")
+    if a.batch_input and (a.image or getattr(a, "video", [])):
+        raise ValueError("--batch-input reads its images from PATH: leave out --image/--video")
+    one = [
+        f"--{k.replace('_', '-')}"
+        for k in ("explain", "show_prompt", "compile", "draw_boxes")
+        if getattr(a, k, 0)
+    ]
+    if (a.chat or a.batch_input) and one:
+        raise ValueError(f"{', '.join(one)}: for a single question, not with --chat or --batch-input")
+    if a.chat and a.prompt_file == "-":
+        raise ValueError("--prompt-file - reads standard input, which --chat reads its questions from")
+    if a.batch_input and not os.path.exists(a.batch_input):
+        raise FileNotFoundError(f"--batch-input {a.batch_input}: no such folder or file")
+    if (a.batch_size is not None or a.output is not None) and not a.batch_input:
+        raise ValueError("--batch-size and --output are for --batch-input runs: leave them out")
+    a.batch_size = 8 if a.batch_size is None else a.batch_size
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+
+
 def load_media(a, processor) -> tuple[list, list[media.Video]]:
     """The --image files as PIL images (under --max-image-pixels) and the --video files as sampled frames
     (the processor's own sampling, with --num-frames / --fps)."""
@@ -166,11 +217,11 @@ def load_media(a, processor) -> tuple[list, list[media.Video]]:
     return images, videos
 
 
-def messages(a, n_images: int, n_videos: int) -> list[dict]:
+def messages(a, n_images: int, n_videos: int, text: str | None = None) -> list[dict]:
     """The chat of one command-line question: --system if given, then one user turn with the images, the
-    videos and the --prompt text."""
+    videos and the text (default: --prompt)."""
     items = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
-    user = {"role": "user", "content": items + [{"type": "text", "text": a.prompt}]}
+    user = {"role": "user", "content": items + [{"type": "text", "text": a.prompt if text is None else text}]}
     system = getattr(a, "system", None)  # "" is an empty system turn, as the checkpoints' templates render it
     return ([{"role": "system", "content": system}] if system is not None else []) + [user]
 
@@ -188,6 +239,10 @@ def describe(v: media.Video) -> str:
     n, total = len(v.indices), v.total_frames
     taken = f"{n} frames repeated from {total}" if n > total else f"{n} of {total} frames"
     return f"{taken} ({times} s), {W}x{H}"
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())  # a message on one line, whatever its newlines
 
 
 def say(*lines: str) -> None:
@@ -215,8 +270,7 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     printer = Printer()
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    kw.update(repetition_penalty=a.repetition_penalty, seed=a.seed, streamer=printer, compile=a.compile)
+    kw = settings(a) | dict(streamer=printer, compile=a.compile)
     t0 = time.perf_counter()
     with record_shapes(model, stages if a.explain else []) as rows:
         tokens = model.generate(**inputs, **kw)
@@ -297,6 +351,221 @@ def draw_boxes(image: Image.Image, boxes, path: str) -> None:
     image.save(path)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --chat: one load, a conversation
+
+CHAT_HELP = """a question per line; commands:
+  /image PATH   add an image (file, URL or data: URI) to the next question
+  /video PATH   add a video to the next question
+  /reset        forget the conversation (the cache is reused)
+  /help         this text
+  /quit         end (or Ctrl-D); Ctrl-C stops an answer and keeps the conversation"""
+
+
+def settings(a) -> dict:
+    """The command line's sampling settings, as generate() and Chat.ask take them."""
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    return kw | dict(repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def chat(a, conversation, processor) -> None:
+    """--chat. On a terminal: a "> " marker on stderr, the answer streamed to stdout, then the next question.
+    Otherwise (a script writing to stdin): one question per line, each answer on stdout and one empty line
+    after it (an empty answer for a question that failed). --image/--video/--prompt make the first turn. A
+    bad file or question is one `error:` line and the conversation goes on; exit status 1 if any failed."""
+    tty, failed = sys.stdin.isatty(), 0
+    images, videos = load_media(a, processor)
+    new = {"images": images, "videos": [v.frames for v in videos]}  # for the next question
+    lines = iter([a.prompt] if a.prompt is not None else [])
+    if tty:
+        say("chat: " + CHAT_HELP)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = next(lines, None)
+            line = (input() if line is None else line).strip()
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt: a fresh line, not the end
+            say("", "(Ctrl-D or /quit ends the chat)")
+            continue
+        try:
+            if line.startswith("/"):
+                if chat_command(line, a, conversation, processor, new) == "quit":
+                    break
+            elif line:
+                ask(conversation, line, new, a, tty)
+                new = {"images": [], "videos": []}
+        except (ValueError, OSError, torch.OutOfMemoryError) as e:
+            print("error: " + one_line(e), file=sys.stderr)
+            if line and not line.startswith("/"):
+                failed += 1
+                if not tty:  # an empty answer: a script's answers stay one block per question
+                    print("\n", flush=True)
+    if failed:
+        sys.exit(1)
+
+
+def chat_command(line: str, a, conversation, processor, new: dict) -> str | None:
+    command, _, arg = line.partition(" ")
+    video = command == "/video" and hasattr(a, "num_frames")  # not PaliGemma's
+    if command in ("/image", "/video") and not arg.strip():
+        raise ValueError(f"{command} needs a path: {command} PATH")
+    if command == "/image":
+        new["images"].append(media.load_image(arg.strip(), a.max_image_pixels))
+        say(f"image added to the next question ({len(new['images'])} so far)")
+    elif video:
+        new["videos"].append(processor.load_video(arg.strip(), a.num_frames, a.fps).frames)
+        say(f"video added to the next question ({len(new['videos'])} so far)")
+    elif command == "/reset":
+        conversation.reset()
+        new["images"], new["videos"] = [], []
+        say("the conversation is forgotten")
+    elif command == "/help":
+        say(CHAT_HELP)
+    elif command in ("/quit", "/exit"):
+        return "quit"
+    else:
+        raise ValueError(f"unknown command {command}: /help lists them")
+    return None
+
+
+def ask(conversation, question: str, new: dict, a, tty: bool) -> None:
+    """One turn: the answer streamed to stdout, a line on stderr on what was prefilled and how fast."""
+    printer, past = Printer(), getattr(conversation, "past", None)
+    kept = 0 if past is None else past.length
+    before = conversation.input_ids.shape[1]
+    t0 = time.perf_counter()
+    try:
+        conversation.ask(question, **new, **settings(a), streamer=printer)
+    except KeyboardInterrupt:
+        print("" if tty else "\n", flush=True)
+        say("(stopped: the question and its answer are left out of the conversation)")
+        return
+    t1 = time.perf_counter()
+    print("\n" if not tty else "", flush=True)  # a script reads an empty line after each answer
+    n = len(printer.times)
+    new_tokens = conversation.input_ids.shape[1] - (0 if past is None else before)  # PaliGemma: all new
+    ttft = (printer.times[0] if n else t1) - t0
+    rate = f", {(n - 1) / (t1 - t0 - ttft):.1f} tokens/s" if n > 1 else ""
+    say(f"[{new_tokens} tokens read or written, {kept} kept in the cache; first token {ttft:.2f} s{rate}]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --batch-input: one prompt over a folder of images
+
+
+def batch_rows(path: str, prompt: str | None) -> list[dict]:
+    """The inputs of --batch-input, in order: {"image": ..., "prompt": ...} each."""
+    p = Path(path)
+    if p.is_dir():
+        Image.init()
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in Image.registered_extensions())
+        rows = [{"image": str(f)} for f in files]
+    elif not p.is_file():
+        raise FileNotFoundError(f"--batch-input {path}: no such folder or file")
+    elif p.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(p.read_text("utf-8").splitlines()):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {i + 1} is not JSON ({e})") from e
+                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                    raise ValueError(f'{path} line {i + 1}: write {{"image": PATH, "prompt": TEXT}}')
+                rows.append(row)
+    else:
+        rows = [{"image": x.strip()} for x in p.read_text("utf-8").splitlines() if x.strip()]
+    for row in rows:
+        row["prompt"] = row.get("prompt", prompt)
+        if not isinstance(row["prompt"], str):
+            raise ValueError(f'no prompt for {row["image"]}: pass --prompt (or a "prompt" in each line)')
+    if not rows:
+        raise ValueError(f"--batch-input {path}: no images found")
+    return rows
+
+
+def answered(path: str | None) -> set:
+    """(image, prompt) of the lines of --output FILE that have an answer: a rerun skips them. A line cut
+    short by an interrupted run is left out (and the file gets the newline it lacks)."""
+    if path is None or not os.path.isfile(path):
+        return set()
+    text, done = Path(path).read_text("utf-8"), set()
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            done |= {(row["image"], row["prompt"])} if "answer" in row else set()
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if text and not text.endswith("\n"):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n")
+    return done
+
+
+def batch(a, model, processor, prompt_of: Callable[[str], str]) -> None:
+    """--batch-input: `prompt_of(text)` is the model's prompt for one image. Rows of --batch-size images
+    go through one generate() each; a file that cannot be read gets an "error" in its line, and the rest
+    go on. Exit status 1 when any input failed."""
+    from tqdm import tqdm  # installed with huggingface_hub
+
+    rows, done = batch_rows(a.batch_input, a.prompt), answered(a.output)
+    todo = [r for r in rows if (r["image"], r["prompt"]) not in done]
+    out = open(a.output, "a", encoding="utf-8") if a.output else sys.stdout
+    bar = tqdm(total=len(todo), unit="image", file=sys.stderr, disable=not sys.stderr.isatty())
+    t0, failed = time.perf_counter(), 0
+    try:
+        for i in range(0, len(todo), a.batch_size):
+            group = todo[i : i + a.batch_size]
+            for row, result in zip(group, answer_rows(group, a, model, processor, prompt_of), strict=True):
+                failed += "error" in result
+                print(json.dumps(row | result, ensure_ascii=False), file=out, flush=True)
+            bar.update(len(group))
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+    seconds = time.perf_counter() - t0
+    summary = dict(inputs=len(rows), skipped=len(rows) - len(todo), answered=len(todo) - failed)
+    summary.update(failed=failed, seconds=round(seconds, 2))
+    summary.update(images_per_s=round(len(todo) / seconds, 3) if todo else None)
+    print(json.dumps(summary), file=sys.stderr)
+    if failed:
+        sys.exit(1)
+
+
+def answer_rows(group: list[dict], a, model, processor, prompt_of) -> list[dict]:
+    """{"answer": ...} or {"error": ...} per row: the readable images in one generate() call. When the
+    processor or the model refuses the group (PerceptionLM batches only images of one tile count; one
+    prompt may be too long), its rows are answered one by one, so an error stays with its own row."""
+    results = []
+    for row in group:
+        try:
+            results.append(media.load_image(row["image"], a.max_image_pixels))
+        except (ValueError, OSError) as e:
+            results.append({"error": one_line(e)})
+            print(f"warning: {results[-1]['error']}", file=sys.stderr)  # it names the file
+    good = [i for i, r in enumerate(results) if not isinstance(r, dict)]
+    try:
+        if good:
+            texts = [prompt_of(group[i]["prompt"]) for i in good]
+            inputs = processor(text=texts, images=[results[i] for i in good])
+            device = next(model.parameters()).device
+            tokens = model.generate(**{k: v.to(device) for k, v in inputs.items()}, **settings(a))
+            for i, text in zip(good, processor.batch_decode(tokens), strict=True):
+                results[i] = {"answer": text}
+    except ValueError as e:
+        if len(good) > 1:
+            for i in good:
+                results[i] = answer_rows([group[i]], a, model, processor, prompt_of)[0]
+        else:
+            results[good[0]] = {"error": one_line(e)}
+            print(f"warning: {group[good[0]]['image']}: {results[good[0]]['error']}", file=sys.stderr)
+    return results
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Runs a CLI's main(). A problem the user can cause (ValueError, OSError, out of memory) ends with one
     `error: ...` line (exit status 1), Ctrl-C with one line (exit status 130); warnings are one `warning: ...`
@@ -312,7 +581,7 @@ def run_main(main: Callable[[], None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:  # OSError includes FileNotFoundError
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
+        print("error: " + one_line(e), file=sys.stderr)
         sys.exit(1)
     except Exception:
         bug = "error: an internal error, a bug to report (with the command line and the traceback below)"

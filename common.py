@@ -1,8 +1,9 @@
 """What the five model files share that is not architecture: device and dtype, prompts (tokenizer,
 placeholders, batches, pixels), checkpoints (files, config and its checks, weights, EOS ids) and generation
-(the checks at its door, sampling, the decode loop). The unit a researcher copies is a model file and this
-file: cli.py, quant.py and media.py are imported only for the command line, int8/int4 weights, and files,
-URLs, videos, 16-bit images or odd array layouts. Layers never live here; nothing here keeps state.
+(the checks at its door, sampling, the decode loop) and a conversation that continues on its kept cache
+(Chat). The unit a researcher copies is a model file and this file: cli.py, quant.py and media.py are imported
+only for the command line, int8/int4 weights, and files, URLs, videos, 16-bit images or odd array layouts.
+Layers never live here; only Chat keeps state (its conversation and cache).
 """
 
 from __future__ import annotations
@@ -648,3 +649,103 @@ def compiled_decode_step(model: torch.nn.Module, caches: list[torch.nn.Module]):
         mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
         model.__dict__["_compiled_decode_step"] = torch.compile(model.decode_step, mode=mode)
     return model.__dict__["_compiled_decode_step"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A conversation that continues on the cache its earlier turns left
+
+
+@dataclass
+class Past:
+    """What a conversation keeps between turns: one static cache per decoder layer, how many of its slots
+    hold the conversation's tokens, and how far positions run behind slots (Qwen2-VL's rope_delta; 0 in the
+    models whose position is the slot)."""
+
+    caches: list = field(default_factory=list)
+    length: int = 0
+    delta: int = 0
+
+    def room(self, need: int, new_caches: Callable[[int], list]) -> list:
+        """The caches, with at least `need` slots. NOTE: when they are too short, new ones of twice the length
+        (at least `need`, rounded up to 256) take over the filled slots: a long chat copies O(log n) times."""
+        have = self.caches[0].k.shape[2] if self.caches else 0
+        if need > have:
+            grown = new_caches(max(2 * have, -(-need // 256) * 256))
+            for old, new in zip(self.caches, grown):  # (1, Hkv, S, Dh): the filled slots only
+                new.k[:, :, : self.length] = old.k[:, :, : self.length]
+                new.v[:, :, : self.length] = old.v[:, :, : self.length]
+            self.caches = grown
+        return self.caches
+
+
+class Chat:
+    """A conversation with Qwen2-VL, LLaVA-OneVision, Video-LLaVA or PerceptionLM that never computes a token
+    twice. Between turns the static cache holds the keys and values of every token so far: the system prompt,
+    each user turn with its image or video features, each answer as it was generated. A turn renders only its
+    new text with the chat template (what the template puts after the last answer, the user turn, the
+    generation prompt), prefills those tokens at the next free slot (`model.extend`) and decodes; the vision
+    tower runs only on the turn's new media. `input_ids` (1, T) is the conversation's tokens; `messages` its
+    chat messages, answers as text. (PaliGemma is no chat model: see paligemma.Chat.)"""
+
+    STAND_IN = "\x00answer\x00"  # the last answer, when the template renders what follows it
+
+    def __init__(self, model, processor, system: str | None = None):
+        self.model, self.processor, self.system = model, processor, system
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation; the caches stay allocated for the next one."""
+        self.messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        self.input_ids = torch.zeros(1, 0, dtype=torch.long)
+        self.past = Past(self.past.caches if hasattr(self, "past") else [])
+
+    @torch.inference_mode()
+    def ask(self, text: str, images=(), videos=(), streamer=None, **settings) -> str:
+        """The answer to `text` about the new `images`/`videos` (added to the conversation). `settings`: the
+        sampling arguments of generate() (max_new_tokens, temperature, ..., seed, eos_token_ids)."""
+        images, videos = as_list(images), as_list(videos)
+        if settings.get("eos_token_ids") is None:  # as in generate(): the checkpoint's
+            settings["eos_token_ids"] = self.model.eos_token_ids
+        s = GenerationSettings(**settings)
+        items = [{"type": "image", "image": x} for x in images]
+        items += [{"type": "video", "video": x} for x in videos]
+        user = {"role": "user", "content": items + [{"type": "text", "text": text}]}
+        inputs = self.processor(self.new_text(user), images=images or None, videos=videos or None)
+        new, device = inputs.pop("input_ids"), next(self.model.parameters()).device
+        if self.input_ids.shape[1] and int(new[0, 0]) == getattr(self.processor, "bos_token_id", None):
+            new = new[:, 1:]  # a processor that starts every prompt with BOS (Video-LLaVA's): not mid-chat
+        media = {
+            k: v.to(device) for k, v in inputs.items() if k not in ("attention_mask", "mm_token_type_ids")
+        }
+        prompt = torch.cat([self.input_ids, new], 1)  # (1, T): the conversation, then this turn
+        chunk = prompt[:, self.past.length :].to(device)  # what the cache lacks: the last answer's last token
+        fed, delta = 0, self.past.delta  # fed: decode steps run, the answer's tokens now in the cache
+
+        def counted(token, i):
+            nonlocal fed
+            fed = i + 1
+            return step(token, i)
+
+        try:
+            first, step = self.model.extend(chunk, media, self.past, s.max_new_tokens)
+            rest = (s, self.model.pad_token_id, streamer, self.model.tokenizer)
+            out = decode_loop(first, counted, prompt, torch.ones_like(prompt), *rest)[0].cpu()
+        except BaseException:  # refused or interrupted (Ctrl-C): the conversation stays as it was
+            self.past.delta = delta
+            raise
+        if len(out) and int(out[-1]) in s.eos_token_ids:
+            out = out[:-1]  # the template's own end of turn comes with the next turn's text
+        self.input_ids = torch.cat([prompt, out[None]], 1)
+        self.past.length = prompt.shape[1] + min(fed, len(out))
+        self.messages += [user, {"role": "assistant", "content": self.processor.decode(out)}]
+        return self.messages[-1]["content"]
+
+    def new_text(self, user: dict) -> str:
+        """This turn's text: all of it in the first turn; later, what the template writes after the last
+        answer (rendered with a stand-in for it, so the answer is never re-tokenized), the user turn and the
+        generation prompt."""
+        template = self.processor.apply_chat_template
+        if not any(m["role"] == "assistant" for m in self.messages):
+            return template(self.messages + [user])
+        said = self.messages[:-1] + [{"role": "assistant", "content": self.STAND_IN}, user]
+        return template(said).split(self.STAND_IN)[1]

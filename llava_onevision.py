@@ -507,6 +507,25 @@ def pack_video(x: torch.Tensor, V: int, newline: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, newline.to(x.dtype).expand(V, 1, D)], dim=1)  # (V, F * 196 + 1, D)
 
 
+def image_layouts(cfg: LlavaOnevisionConfig, image_sizes, batch_num_images=None) -> list[AnyresLayout | None]:
+    """Per image: its anyres layout (the processor's rule, from the model's config) when it is alone in its
+    row, None when it is one of several (then it is one square tile). NOTE: index metadata, read on the
+    host: the tiles are laid out in Python."""
+    S = cfg.vision_config.image_size
+    grid, counts = S // cfg.vision_config.patch_size, [1] * len(image_sizes)
+    counts = counts if batch_num_images is None else batch_num_images.tolist()
+    alone = [n == 1 for n in counts for _ in range(n)]
+    return [
+        anyres_layout(H, W, cfg.image_grid_pinpoints, S, grid, cfg.max_tiles) if a else None
+        for a, (H, W) in zip(alone, image_sizes.tolist(), strict=True)
+    ]
+
+
+def video_tokens(grid: int, n_frames: int) -> int:
+    """A video's placeholder count: 14 x 14 per frame (27 x 27 features shrunk) and one newline at the end."""
+    return n_frames * math.ceil(grid / 2) ** 2 + 1
+
+
 class LlavaOnevision(nn.Module):
     quantized_parts = ("language_model", "lm_head")  # what quant.quantize may store in 8 or 4 bits
 
@@ -527,23 +546,10 @@ class LlavaOnevision(nn.Module):
         self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
 
-    def layout(self, H: int, W: int) -> AnyresLayout:  # the processor's rule, from this model's config
-        c = self.cfg
-        return anyres_layout(H, W, c.image_grid_pinpoints, c.vision_config.image_size, self.grid, c.max_tiles)
-
-    def layouts(self, image_sizes, batch_num_images=None) -> list[AnyresLayout | None]:
-        """Per image: its anyres layout when it is alone in its row, None when it is one of several (then it
-        is one square tile). NOTE: index metadata, read on the host: the tiles are laid out in Python."""
-        counts = [1] * len(image_sizes) if batch_num_images is None else batch_num_images.tolist()
-        alone = [n == 1 for n in counts for _ in range(n)]
-        return [
-            self.layout(H, W) if a else None for a, (H, W) in zip(alone, image_sizes.tolist(), strict=True)
-        ]
-
     def image_features(self, pixel_values, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
         """Per image (tokens, D): anyres packing for an image alone in its row, else its one square tile
         (729 features) and a newline. All tiles of all images go through the tower in one batch."""
-        layouts = self.layouts(image_sizes, batch_num_images)
+        layouts = image_layouts(self.cfg, image_sizes, batch_num_images)
         n_tiles = [1 if lay is None else math.prod(lay.tiles) + 1 for lay in layouts]
         tiles = torch.cat([px[:n] for px, n in zip(pixel_values, n_tiles, strict=True)])  # (sum n, 3, S, S)
         feats = self.multi_modal_projector(self.vision_tower(tiles)).split(n_tiles)  # (n, 729, D) each
@@ -559,9 +565,6 @@ class LlavaOnevision(nn.Module):
         x = self.multi_modal_projector(self.vision_tower(pixel_values_videos.flatten(0, 1)))  # (V*F, G*G, D)
         return pack_video(x, pixel_values_videos.shape[0], self.image_newline)  # (V, F * 196 + 1, D)
 
-    def video_tokens(self, n_frames: int) -> int:
-        return n_frames * math.ceil(self.grid / 2) ** 2 + 1  # 14 x 14 per frame + one newline
-
     def embed(
         self, input_ids, pixel_values=None, image_sizes=None, batch_num_images=None, pixel_values_videos=None
     ):
@@ -569,12 +572,12 @@ class LlavaOnevision(nn.Module):
         The placeholder counts are checked against the images' sizes before the vision tower runs."""
         x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         is_image, is_video = input_ids == self.cfg.image_token_id, input_ids == self.cfg.video_token_id
-        layouts = [] if pixel_values is None else self.layouts(image_sizes, batch_num_images)
+        layouts = [] if pixel_values is None else image_layouts(self.cfg, image_sizes, batch_num_images)
         per_image = [self.grid**2 + 1 if lay is None else lay.tokens for lay in layouts]
         sizes = f"{per_image} for the image sizes {image_sizes.tolist()}" if per_image else ""
         common.check_feature_count("image", "<image>", is_image, sum(per_image), sizes)
         V, Fr = (0, 0) if pixel_values_videos is None else pixel_values_videos.shape[:2]  # one F for all
-        common.check_feature_count("video", "<video>", is_video, V * self.video_tokens(Fr))
+        common.check_feature_count("video", "<video>", is_video, V * video_tokens(self.grid, Fr))
         if pixel_values is not None:
             feats = self.image_features(pixel_values.to(x.dtype), image_sizes, batch_num_images)
             x = x.masked_scatter(is_image[..., None], torch.cat(feats).to(x.dtype))  # (B, T, D)
@@ -600,11 +603,11 @@ class LlavaOnevision(nn.Module):
         h = self.language_model(x, pos, causal_padding_mask(attention_mask.bool(), input_ids.shape[1]))
         return self.lm_head(h)
 
-    def prefill(self, x, pos, mask, caches: list[KVCache]) -> torch.Tensor:
+    def prefill(self, x, pos, mask, caches: list[KVCache], slot: int = 0) -> torch.Tensor:
         """The whole prompt at once: embeddings x (B, T, D) with their positions and mask, written into the
-        empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
-        row's last token at T-1."""
-        h = self.language_model(x, pos, mask, caches, 0)
+        caches at slots slot .. slot+T-1 -> the logits of each row's last token (B, V); left padding puts
+        every row's last token at T-1."""
+        h = self.language_model(x, pos, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
@@ -616,6 +619,21 @@ class LlavaOnevision(nn.Module):
         mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
+
+    def extend(self, input_ids, media: dict, past: common.Past, max_new_tokens: int):
+        """A conversation's next tokens (common.Chat), one row, prefilled at slot past.length on the caches
+        the earlier turns filled; `media`: the new media's processor tensors; a token's position is its slot.
+        -> (the last token's logits (1, V), step(token, i) for common.decode_loop)."""
+        T, start = input_ids.shape[1], past.length
+        common.check_context(start + T, max_new_tokens, self.cfg.text_config.max_position_embeddings)
+        x = self.embed(input_ids, **media)
+        caches = past.room(start + T + max_new_tokens, lambda S: self.language_model.new_caches(1, S, x))
+        keep = torch.ones(1, caches[0].k.shape[2], dtype=torch.bool, device=x.device)  # no padding
+        pos = torch.arange(start, start + T, device=x.device)[None]  # (1, T)
+        first = self.prefill(x, pos, causal_padding_mask(keep[:, : start + T], T, start), caches, start)
+        n = torch.full((1,), start + T, device=x.device)
+        step = lambda token, i: self.decode_step(token, (n + i)[None], n + i, keep, caches)
+        return first, step
 
     @torch.inference_mode()
     def generate(
@@ -743,7 +761,7 @@ class Processor:
         if videos:
             out.update(self.preprocess_videos(videos))
             n_frames = out["pixel_values_videos"].shape[1]
-            per_video = [n_frames * math.ceil(self.video.grid / 2) ** 2 + 1] * len(videos)  # + 1 newline
+            per_video = [video_tokens(self.video.grid, n_frames)] * len(videos)
         tokens = {IMAGE_TOKEN: per_image, VIDEO_TOKEN: per_video}
         ids = [self.tokenizer.encode(t) for t in common.expand_placeholders(texts, tokens)]
         input_ids, attention_mask = common.pad_batch(ids, self.pad_token_id, padding_side)
@@ -873,6 +891,12 @@ def main(argv: list[str] | None = None) -> None:
     a = cli.check(ap.parse_args(argv))
 
     model, processor = load(a.model, a.device, a.dtype, a.quantize)
+    if a.chat:  # one load, a conversation on the cache its turns leave
+        return cli.chat(a, common.Chat(model, processor, a.system), processor)
+    if a.batch_input:  # one prompt over many images, in batches
+        return cli.batch(
+            a, model, processor, lambda t: processor.apply_chat_template(cli.messages(a, 1, 0, t))
+        )
     images, videos = cli.load_media(a, processor)
     prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)

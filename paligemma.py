@@ -475,16 +475,23 @@ class PaliGemma(nn.Module):
         self.pad_token_id = 0
         self.tokenizer: common.Tokenizer | None = None
 
-    def embed(self, input_ids, pixel_values=None) -> torch.Tensor:
-        """Scaled text embeddings with the (unscaled) image features written over the <image> tokens."""
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, N, D)
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Scaled text embeddings with the (unscaled) image features written over the <image> tokens; the
+        features of `pixel_values`, or the `image_features` kept from an earlier call (see Chat)."""
         is_image = input_ids == self.cfg.image_token_id
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-        vc = self.cfg.vision_config
-        need = 0 if pixel_values is None else pixel_values.shape[0] * (vc.image_size // vc.patch_size) ** 2
-        common.check_feature_count("image", "<image>", is_image, need)
-        if pixel_values is not None:
-            feats = self.multi_modal_projector(self.vision_tower(pixel_values.to(x.dtype)))  # (n_img, N, D)
-            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))  # NOTE: no sqrt(D) on image features
+        vc, feats = self.cfg.vision_config, image_features
+        n = 0 if pixel_values is None else pixel_values.shape[0] * (vc.image_size // vc.patch_size) ** 2
+        common.check_feature_count(
+            "image", "<image>", is_image, n if feats is None else feats.shape[:2].numel()
+        )
+        if feats is None and pixel_values is not None:
+            feats = self.image_features(pixel_values.to(x.dtype))  # (n_img, N, D)
+        if feats is not None:  # NOTE: no sqrt(D) on image features
+            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
         return x
 
     def masks(self, keep, prefix, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -553,10 +560,12 @@ class PaliGemma(nn.Module):
         max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         repetition_penalty: float = 1.0, seed: int | None = None,
         eos_token_ids: list[int] | int | None = None, streamer=None, compile: bool = False,
+        image_features=None,
     ) -> torch.Tensor:  # fmt: skip
         """New tokens (B, N). Prefill once (image + prompt, prefix-LM mask) into a static cache, then one
         causal token per step. `labels` is accepted (and ignored) so the processor's output can be passed as
-        is. `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's."""
+        is. `streamer(text)` gets the answer as it is made (one row); eos_token_ids=None: the checkpoint's;
+        image_features: the images' tower output from an earlier call, used instead of pixel_values."""
         # 1. settings and checks
         eos = self.eos_token_ids if eos_token_ids is None else eos_token_ids
         settings = common.GenerationSettings(
@@ -565,7 +574,7 @@ class PaliGemma(nn.Module):
         limit = self.cfg.text_config.max_position_embeddings
         attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer, limit)
         # 2. vision features, written over the placeholders
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_features)
         # 3. prefill: the whole prompt into a static cache, the prefix block (token type 0) seeing itself
         (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
         caches = self.language_model.new_caches(B, S_max, x)
@@ -579,6 +588,47 @@ class PaliGemma(nn.Module):
         step = lambda token, i: decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # 1-based
         args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
         return common.decode_loop(first, step, *args)
+
+
+class Chat:
+    """Several prompts about one image with the vision tower run once: common.Chat's API (ask, reset,
+    messages, input_ids). PaliGemma is no chat model: each prompt is one task prefix ("caption en", "detect
+    cat") with nothing before it, so nothing of an earlier prompt is kept but the image's features.
+    NOTE: why not the KV cache, as common.Chat keeps it: the prefix-LM mask lets the image positions attend
+    to the whole prefix, the task text included, so from the second decoder layer on the image positions'
+    keys and values depend on the text. A new prefix changes them all. The SigLIP tower and projector output
+    does not see the text: it is kept per image and written over the <image> tokens of each new prompt."""
+
+    def __init__(self, model: PaliGemma, processor: Processor, system: str | None = None):
+        if system is not None:
+            raise ValueError("PaliGemma has no system prompt: its prompts are task prefixes")
+        self.model, self.processor = model, processor
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages, self.images, self.features = [], [], None
+        self.input_ids = torch.zeros(1, 0, dtype=torch.long)  # the last prompt and its answer (no history)
+
+    @torch.inference_mode()
+    def ask(self, text: str, images=(), videos=(), **settings) -> str:
+        """The answer to the task prefix `text` about the new `images` (then kept) or the last ones."""
+        if videos:
+            raise ValueError("PaliGemma reads images, not videos")
+        pictures, features = (common.as_list(images), None) if images else (self.images, self.features)
+        if not pictures:
+            raise ValueError("PaliGemma needs an image: give one with the first question")
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in self.processor(text, images=[pictures]).items()}
+        pixels = inputs.pop("pixel_values").to(self.model.vision_tower.post_layernorm.weight.dtype)
+        features = self.model.image_features(pixels) if features is None else features
+        out = self.model.generate(**inputs, image_features=features, **settings)[0]
+        self.images, self.features = pictures, features  # kept once answered: the next prompts' image
+        self.input_ids = torch.cat([inputs["input_ids"], out[None]], 1).cpu()
+        items = [{"type": "image", "image": im} for im in (images or [])]
+        answer = self.processor.decode(out)
+        user = {"role": "user", "content": items + [{"type": "text", "text": text}]}
+        self.messages += [user, {"role": "assistant", "content": answer}]
+        return answer
 
 
 # ==========================================================================================================
@@ -832,12 +882,16 @@ def main(argv: list[str] | None = None) -> None:
         "--draw-boxes", metavar="OUT.png", help="draw the <loc> boxes of a detect answer, save here"
     )
     a = cli.check(ap.parse_args(argv))
-    if not a.image:
+    if not a.image and not (a.chat or a.batch_input):
         raise ValueError("PaliGemma needs an image: pass --image PATH")
     if a.draw_boxes:
         cli.check_output_image(a.draw_boxes)
 
     model, processor = load(a.model, a.device, a.dtype, a.quantize)
+    if a.chat:  # one load, many task prefixes on the image features it keeps
+        return cli.chat(a, Chat(model, processor), processor)
+    if a.batch_input:  # one prompt over many images, in batches
+        return cli.batch(a, model, processor, lambda text: text)
     images, _ = cli.load_media(a, processor)
     inputs = processor(text=a.prompt, images=[images])
     S, n = processor.image.image_size, processor.image.image_seq_length

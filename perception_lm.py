@@ -582,11 +582,11 @@ class PerceptionLM(nn.Module):
         h = self.language_model(x, pos, causal_padding_mask(attention_mask.bool(), input_ids.shape[1]))
         return self.lm_head(h)
 
-    def prefill(self, x, pos, mask, caches: list[KVCache]) -> torch.Tensor:
+    def prefill(self, x, pos, mask, caches: list[KVCache], slot: int = 0) -> torch.Tensor:
         """The whole prompt at once: embeddings x (B, T, D) with their positions and mask, written into the
-        empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
-        row's last token at T-1."""
-        h = self.language_model(x, pos, mask, caches, 0)
+        caches at slots slot .. slot+T-1 -> the logits of each row's last token (B, V); left padding puts
+        every row's last token at T-1."""
+        h = self.language_model(x, pos, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
@@ -598,6 +598,22 @@ class PerceptionLM(nn.Module):
         mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
+
+    def extend(self, input_ids, media: dict, past: common.Past, max_new_tokens: int):
+        """A conversation's next tokens (common.Chat), one row without padding, prefilled at slot past.length
+        on top of what the earlier turns left in the caches; `media`: the new images' and videos' processor
+        tensors. -> (the last token's logits (1, V), step(token, i) for common.decode_loop). A token's
+        position is its slot."""
+        T, start = input_ids.shape[1], past.length
+        common.check_context(start + T, max_new_tokens, self.cfg.text_config.max_position_embeddings)
+        x = self.embed(input_ids, **media)
+        caches = past.room(start + T + max_new_tokens, lambda S: self.language_model.new_caches(1, S, x))
+        keep = torch.ones(1, caches[0].k.shape[2], dtype=torch.bool, device=x.device)  # no padding
+        pos = torch.arange(start, start + T, device=x.device)[None]  # (1, T)
+        first = self.prefill(x, pos, causal_padding_mask(keep[:, : start + T], T, start), caches, start)
+        n = torch.full((1,), start + T, device=x.device)
+        step = lambda token, i: self.decode_step(token, (n + i)[None], n + i, keep, caches)
+        return first, step
 
     @torch.inference_mode()
     def generate(
@@ -876,6 +892,12 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load(a.model, a.device, a.dtype, a.quantize)
     if a.max_num_tiles is not None:
         processor.image = replace(processor.image, max_num_tiles=a.max_num_tiles)
+    if a.chat:  # one load, a conversation on the cache its turns leave
+        return cli.chat(a, common.Chat(model, processor, a.system), processor)
+    if a.batch_input:  # one prompt over many images, in batches
+        return cli.batch(
+            a, model, processor, lambda t: processor.apply_chat_template(cli.messages(a, 1, 0, t))
+        )
     images, videos = cli.load_media(a, processor)
     prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)

@@ -584,11 +584,11 @@ class Qwen2VL(nn.Module):
         mask = causal_padding_mask(attention_mask.bool(), input_ids.shape[1])
         return self.lm_head(self.model(x, pos3, mask))
 
-    def prefill(self, x, pos3, mask, caches: list[KVCache]) -> torch.Tensor:
+    def prefill(self, x, pos3, mask, caches: list[KVCache], slot: int = 0) -> torch.Tensor:
         """The whole prompt at once: embeddings x (B, T, D) with their positions and mask, written into the
-        empty caches (slots 0 .. T-1) -> the logits of each row's last token (B, V); left padding puts every
-        row's last token at T-1."""
-        h = self.model(x, pos3, mask, caches, 0)
+        caches at slots slot .. slot+T-1 -> the logits of each row's last token (B, V); left padding puts
+        every row's last token at T-1."""
+        h = self.model(x, pos3, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
 
     def decode_step(self, token, pos3, slot, keep, caches: list[KVCache]) -> torch.Tensor:
@@ -600,6 +600,30 @@ class Qwen2VL(nn.Module):
         mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
         h = self.model(self.model.embed_tokens(token), pos3, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
+
+    def extend(self, input_ids, media: dict, past: common.Past, max_new_tokens: int):
+        """A conversation's next tokens (common.Chat), one row without padding, prefilled at slot past.length
+        on top of what the earlier turns left in the caches; `media`: the new images' and videos' processor
+        tensors. -> (the last token's logits (1, V), step(token, i) for common.decode_loop). NOTE: the
+        M-RoPE positions go on from the last one: the chunk's own, from 0, plus slot + past.delta, so an
+        image in a later turn gets its 3-D block where the text left off."""
+        T, start = input_ids.shape[1], past.length
+        grids = media.get("image_grid_thw"), media.get("video_grid_thw")
+        pos3, delta = self.positions(input_ids, torch.ones_like(input_ids), None, *grids)  # (3, 1, T), (1,)
+        pos3 = pos3 + start + past.delta
+        common.check_context(
+            int(pos3.max()) + 1, max_new_tokens, self.cfg.text_config.max_position_embeddings
+        )
+        x = self.embed(input_ids, **media)
+        caches = past.room(start + T + max_new_tokens, lambda S: self.model.new_caches(1, S, x))
+        keep = torch.ones(1, caches[0].k.shape[2], dtype=torch.bool, device=x.device)  # no padding
+        first = self.prefill(x, pos3, causal_padding_mask(keep[:, : start + T], T, start), caches, start)
+        past.delta += int(delta)
+        n, d = torch.full((1,), start + T, device=x.device), past.delta
+        step = lambda token, i: self.decode_step(
+            token, (n + i + d).view(1, 1, 1).expand(3, 1, 1), n + i, keep, caches
+        )
+        return first, step
 
     @torch.inference_mode()
     def generate(
@@ -876,6 +900,12 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load(a.model, a.device, a.dtype, a.quantize)
     bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
     processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
+    if a.chat:  # one load, a conversation on the cache its turns leave
+        return cli.chat(a, common.Chat(model, processor, a.system), processor)
+    if a.batch_input:  # one prompt over many images, in batches
+        return cli.batch(
+            a, model, processor, lambda t: processor.apply_chat_template(cli.messages(a, 1, 0, t))
+        )
     images, videos = cli.load_media(a, processor)
     prompt = processor.apply_chat_template(cli.messages(a, len(images), len(videos)))
     inputs = processor(text=prompt, images=images or None, videos=[v.frames for v in videos] or None)
