@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -222,14 +223,20 @@ def compact(ids, processor) -> str:
     return "".join(pieces)
 
 
-def draw_heat(ax, image, heat, title: str, alpha: float = 0.55) -> None:
-    """A (rows, cols) map stretched over the image."""
-    image = np.asarray(image)
-    H, W = image.shape[:2]
-    ax.imshow(image, extent=(0, W, H, 0))
-    im = ax.imshow(heat, extent=(0, W, H, 0), cmap="inferno", alpha=alpha, interpolation="nearest")
-    ax.set(title=title, xlabel="x (pixels)", ylabel="y (pixels)")
-    plt.colorbar(im, ax=ax, fraction=0.046)
+def draw_heat(ax, heat, box: tuple[int, int, int], side: int, title: str) -> None:
+    """An attention map (rows, cols) over a side x side picture, on its own axes: each cell's share divided
+    by the uniform share (1 = as much as every cell gets when attention is spread evenly), in diverging
+    colours centred on 1, with the square (x, y, size) as an outline."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    ratio = (heat / heat.mean()).numpy()
+    spread = max(abs(ratio.max() - 1), abs(1 - ratio.min()), 0.05)
+    norm = TwoSlopeNorm(1.0, vmin=1 - spread, vmax=1 + spread)
+    im = ax.imshow(ratio, extent=(0, side, side, 0), cmap="RdBu_r", norm=norm, interpolation="nearest")
+    ax.add_patch(plt.Rectangle(box[:2], box[2], box[2], fill=False, color="black", lw=2, ls="--"))
+    ax.set(title=f"{title}\nshare / uniform share: {ratio.min():.2f} to {ratio.max():.2f}")
+    ax.set(xlabel="x (pixels)", ylabel="y (pixels)")
+    plt.colorbar(im, ax=ax, fraction=0.046, label="share / uniform share")
 
 
 def table(rows: list[dict] | list[list], headers: list[str] | None = None) -> None:
@@ -331,17 +338,53 @@ SQUARE_COLOURS = {
 }
 
 
+def reserved_for_test(x: int, y: int, grid: int = 1) -> bool:
+    """The places held out: a square whose top-left corner, counted in grid steps, has (column + row) % 4 ==
+    0 is drawn only for testing, never in training. Every column and every row still occurs in training,
+    with other partners, so a test picture asks for a combination the model has not seen."""
+    return (x // grid + y // grid) % 4 == 0
+
+
 def square_picture(
-    rng: np.random.Generator, side: int = 112, grid: int = 1
+    rng: np.random.Generator, side: int = 112, grid: int = 1, split: str | None = None
 ) -> tuple[np.ndarray, str, tuple[int, int, int]]:
     """A grey (side, side, 3) uint8 picture with one square of a random colour, size (a quarter to half the
-    side) and place, both multiples of `grid` pixels: (picture, colour name, (x, y, size) in pixels)."""
+    side) and place, both multiples of `grid` pixels: (picture, colour name, (x, y, size) in pixels).
+    split="train" draws only places not reserved_for_test, "test" only reserved ones, None any place."""
+    while True:
+        s = grid * int(rng.integers(side // 4 // grid, side // 2 // grid + 1))
+        x, y = (grid * int(v) for v in rng.integers(0, (side - s) // grid, size=2))
+        colour = list(SQUARE_COLOURS)[int(rng.integers(len(SQUARE_COLOURS)))]
+        if split is None or reserved_for_test(x, y, grid) == (split == "test"):
+            return draw_square(colour, (x, y, s), side), colour, (x, y, s)
+
+
+def draw_square(colour: str, box: tuple[int, int, int], side: int = 112) -> np.ndarray:
+    """The picture of square_picture: grey, with a square of `colour` at box = (x, y, size) in pixels."""
     picture = np.full((side, side, 3), 128, np.uint8)
-    s = grid * int(rng.integers(side // 4 // grid, side // 2 // grid + 1))
-    x, y = (grid * int(v) for v in rng.integers(0, (side - s) // grid, size=2))
-    colour = list(SQUARE_COLOURS)[int(rng.integers(len(SQUARE_COLOURS)))]
+    x, y, s = box
     picture[y : y + s, x : x + s] = SQUARE_COLOURS[colour]
-    return picture, colour, (x, y, s)
+    return picture
+
+
+def square_places(side: int = 112, grid: int = 1, split: str | None = None) -> list[tuple]:
+    """Every (colour, (x, y, size)) that square_picture can draw for `split`, in a fixed order."""
+    sizes = range(side // 4 // grid, side // 2 // grid + 1)
+    boxes = [
+        (grid * i, grid * j, grid * k)
+        for k in sizes
+        for j in range((side - grid * k) // grid)
+        for i in range((side - grid * k) // grid)
+    ]
+    keep = [b for b in boxes if split is None or reserved_for_test(b[0], b[1], grid) == (split == "test")]
+    return [(colour, box) for box in keep for colour in SQUARE_COLOURS]
+
+
+def interval95(k: int, n: int) -> tuple[float, float]:
+    """Wilson's 95 % interval for a success rate of k in n: the spread a held-out score of n pictures has."""
+    z, p = 1.96, k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def iou(a: tuple, b: tuple) -> float:
