@@ -10,6 +10,8 @@ the notebooks call the model files for that.
 - `stream`: generation with the answer streamed as it is produced, and its timings
 - `square_picture`, `answer_targets`, `iou`: the synthetic tasks the demo models are trained on (a coloured
   square on grey), the next-token targets of the answers only, and the overlap of two boxes
+- `reserved_for_test`, `square_places`, `draw_square`, `interval95`: the places kept out of training, every
+  picture of a split, one picture drawn, and the 95 % interval of a held-out score
 """
 
 from __future__ import annotations
@@ -229,9 +231,9 @@ def draw_heat(ax, heat, box: tuple[int, int, int], side: int, title: str) -> Non
     colours centred on 1, with the square (x, y, size) as an outline."""
     from matplotlib.colors import TwoSlopeNorm
 
-    ratio = (heat / heat.mean()).numpy()
+    ratio = np.asarray(heat / heat.mean())
     spread = max(abs(ratio.max() - 1), abs(1 - ratio.min()), 0.05)
-    norm = TwoSlopeNorm(1.0, vmin=1 - spread, vmax=1 + spread)
+    norm = TwoSlopeNorm(1.0, vmin=max(0.0, 1 - spread), vmax=1 + spread)  # a share is never below 0
     im = ax.imshow(ratio, extent=(0, side, side, 0), cmap="RdBu_r", norm=norm, interpolation="nearest")
     ax.add_patch(plt.Rectangle(box[:2], box[2], box[2], fill=False, color="black", lw=2, ls="--"))
     ax.set(title=f"{title}\nshare / uniform share: {ratio.min():.2f} to {ratio.max():.2f}")
@@ -338,7 +340,7 @@ SQUARE_COLOURS = {
 }
 
 
-def reserved_for_test(x: int, y: int, grid: int = 1) -> bool:
+def reserved_for_test(x: int, y: int, *, grid: int) -> bool:
     """The places held out: a square whose top-left corner, counted in grid steps, has (column + row) % 4 ==
     0 is drawn only for testing, never in training. Every column and every row still occurs in training,
     with other partners, so a test picture asks for a combination the model has not seen."""
@@ -355,7 +357,7 @@ def square_picture(
         s = grid * int(rng.integers(side // 4 // grid, side // 2 // grid + 1))
         x, y = (grid * int(v) for v in rng.integers(0, (side - s) // grid, size=2))
         colour = list(SQUARE_COLOURS)[int(rng.integers(len(SQUARE_COLOURS)))]
-        if split is None or reserved_for_test(x, y, grid) == (split == "test"):
+        if split is None or reserved_for_test(x, y, grid=grid) == (split == "test"):
             return draw_square(colour, (x, y, s), side), colour, (x, y, s)
 
 
@@ -376,7 +378,9 @@ def square_places(side: int = 112, grid: int = 1, split: str | None = None) -> l
         for j in range((side - grid * k) // grid)
         for i in range((side - grid * k) // grid)
     ]
-    keep = [b for b in boxes if split is None or reserved_for_test(b[0], b[1], grid) == (split == "test")]
+    keep = [
+        b for b in boxes if split is None or reserved_for_test(b[0], b[1], grid=grid) == (split == "test")
+    ]
     return [(colour, box) for box in keep for colour in SQUARE_COLOURS]
 
 
