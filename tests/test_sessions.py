@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import test_cli
 import tiny
 from PIL import Image
 
@@ -36,12 +37,7 @@ def pictures(tmp_path_factory):
 def run(capsys, monkeypatch, file, args, stdin=""):
     """(exit status, stdout, stderr) of `python FILE.py ARGS < stdin`, run in this process."""
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    m = importlib.import_module(file)
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(lambda: m.main([str(a) for a in args]))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
+    return test_cli.run(capsys, file, args)
 
 
 # ----------------------------------------------------------------------------------------------------------
