@@ -48,10 +48,12 @@ def parser(
     example: str,
     frames: str | None,
     system: str | None,
+    boxes: str | None = None,
 ) -> Parser:
     """The options all five files share. `presets`/`default`: the file's PRESETS and DEFAULT; `frames`: how
     this model samples a video file by default ("8", "2 per second"), None for an image-only model; `system`:
-    what the default system message is, None when the model has no chat template."""
+    what the default system message is, None when the model has no chat template; `boxes`: the form of the
+    boxes in this model's answers, for --draw-boxes (None: no such flag)."""
     ap = Parser(
         description=description,
         epilog=f"example:\n  {example}",
@@ -103,6 +105,10 @@ def parser(
         metavar="FILE",
         help="with --batch-input: append the JSON lines to FILE, skipping the inputs FILE already answers",
     )
+    if boxes is not None:
+        ap.add_argument(
+            "--draw-boxes", metavar="OUT.png", help=f"draw the {boxes} boxes of the answer, save here"
+        )
     ap.add_argument("--show-prompt", action="store_true", help="print the full prompt to stderr")
     ap.add_argument("--explain", action="store_true", help="print each stage's tensor shape to stderr")
     g = ap.add_argument_group("generation")
@@ -162,7 +168,17 @@ def check(a: argparse.Namespace) -> argparse.Namespace:
     """The parsed flags, after everything the command line can check before downloading or loading a
     checkpoint: sampling ranges and the seed, the prompt (read from --prompt-file; UTF-8), frame counts, the
     image size limit, that local media files exist, the device."""
-    common.GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    try:
+        common.GenerationSettings(
+            a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed
+        )
+        common.pick_device(a.device)
+        if hasattr(a, "num_frames"):
+            media.check_frames(a.num_frames, a.fps)
+    except ValueError as e:  # the Python API's messages, in the command line's words: flags, not arguments
+        name, rest = str(e).split(" ", 1)
+        flag = f"--{name.replace('_', '-')}" if hasattr(a, name) else name
+        raise ValueError(f"{flag} {rest}".replace("use the CPU", "use --device cpu")) from None
     check_modes(a)
     if a.prompt_file is not None:
         a.prompt = read_prompt_file(a.prompt_file)
@@ -173,15 +189,23 @@ def check(a: argparse.Namespace) -> argparse.Namespace:
         # NOTE: Python keeps command-line bytes that are not UTF-8 as lone surrogates
         if text is not None and any("\ud800" <= c <= "\udfff" for c in text):
             raise ValueError(f"--{flag} is not valid UTF-8 text: write it in UTF-8 (or use --prompt-file)")
+    if getattr(a, "draw_boxes", None):
+        check_output_image(a.draw_boxes)
+        if not a.image:
+            raise ValueError("--draw-boxes draws on the first --image: add one")
     if a.max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
     for kind, sources in (("image", a.image), ("video", getattr(a, "video", []))):
         for src in sources:
+            if os.path.isdir(src):
+                raise ValueError(
+                    f"--{kind} {src} is a folder: name a file in it (--batch-input answers a folder)"
+                )
             if not str(src).startswith(("http://", "https://", "data:")) and not os.path.isfile(src):
                 raise FileNotFoundError(f"{kind} file not found: {src}")
     if hasattr(a, "num_frames"):
-        media.check_frames(a.num_frames, a.fps)
-    common.pick_device(a.device)
+        if (a.num_frames or a.fps) and not (a.video or a.chat):  # --chat's /video uses them
+            raise ValueError("--num-frames and --fps sample a --video: add --video FILE or leave them out")
     return a
 
 
@@ -209,11 +233,35 @@ def check_modes(a: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
 
 
+def load(load_fn: Callable, presets: dict[str, str], a) -> tuple:
+    """A model file's load() on --model, with one stderr line as loading starts (checkpoint, size on disk,
+    device, dtype) and the seconds it took in a.load_s for the summary. A Hub download happens first, with
+    huggingface_hub's own progress bars."""
+    ckpt = common.checkpoint_dir(presets.get(a.model, a.model))
+    size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    size = f"{size / 1e9:.1f} GB" if size > 1e8 else f"{size / 1e6:.1f} MB"
+    device = common.pick_device(a.device)
+    with warnings.catch_warnings():  # load() says them
+        warnings.simplefilter("ignore")
+        dtype = str(common.pick_dtype(a.dtype, device, a.quantize)).removeprefix("torch.")
+    quantized = f", decoder weights in {a.quantize}" if a.quantize else ""
+    say(f"loading {ckpt} ({size} on disk) on {device} as {dtype}{quantized}")
+    t0 = time.perf_counter()
+    loaded = load_fn(str(ckpt), a.device, a.dtype, a.quantize)
+    a.load_s = round(time.perf_counter() - t0, 2)
+    return loaded
+
+
 def load_media(a, processor) -> tuple[list, list[media.Video]]:
     """The --image files as PIL images (under --max-image-pixels) and the --video files as sampled frames
     (the processor's own sampling, with --num-frames / --fps)."""
     images = [media.load_image(src, a.max_image_pixels) for src in a.image]
     videos = [processor.load_video(src, a.num_frames, a.fps) for src in getattr(a, "video", [])]
+    for v in videos:  # Qwen2-VL reads frames in pairs; a short video has its own note
+        if a.num_frames and len(v.indices) != a.num_frames and v.total_frames >= a.num_frames:
+            say(
+                f"note: --num-frames {a.num_frames}: this model takes frames in groups, {len(v.indices)} here"
+            )
     return images, videos
 
 
@@ -271,6 +319,8 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
     inputs = {k: v.to(device) for k, v in inputs.items()}
     printer = Printer()
     kw = settings(a) | dict(streamer=printer, compile=a.compile)
+    if a.compile:
+        say("note: the decode step compiles during the first step (tens of seconds the first time)")
     t0 = time.perf_counter()
     with record_shapes(model, stages if a.explain else []) as rows:
         tokens = model.generate(**inputs, **kw)
@@ -280,9 +330,11 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
         explain(rows, inputs)  # the logits, the last of `stages`, end each step
     n, times = tokens.shape[1], printer.times + [t1]  # a final EOS is not printed: t1 stands for it
     ttft = times[0] - t0
-    rate = round((n - 1) / (t1 - t0 - ttft), 2) if n > 1 and t1 - t0 > ttft else None
-    summary = dict(model=a.model, device=str(device), dtype=str(next(model.parameters()).dtype))
-    summary.update(quantize=a.quantize)
+    first = 2 if a.compile else 1  # the steps after the compiled one, with --compile
+    rate = round((n - first) / (t1 - times[first - 1]), 2) if n > first and t1 > times[first - 1] else None
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    summary = dict(model=a.model, device=str(device), dtype=dtype)
+    summary.update(quantize=a.quantize, load_s=getattr(a, "load_s", None))
     summary.update(prompt_tokens=inputs["input_ids"].shape[1], visual_tokens=n_visual, new_tokens=n)
     stopped = "eos" if n and int(tokens[0, -1]) in model.eos_token_ids else "max_new_tokens"
     summary.update(ttft_s=round(ttft, 3), tokens_per_s=rate, stopped=stopped)
@@ -339,6 +391,20 @@ def check_output_image(path: str) -> None:
     Image.init()
     if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
         raise ValueError(f"--draw-boxes {path}: end the name in an image extension PIL writes, such as .png")
+
+
+def report_boxes(a, tokens: torch.Tensor, processor, image: Image.Image, parse: Callable) -> None:
+    """--draw-boxes: the boxes of the answer `tokens` (read by the model file's `parse_boxes`, in pixels of
+    `image`) drawn on a copy of the image, and listed on stderr, one per line."""
+    boxes = parse(processor.decode(tokens[0], skip_special_tokens=False), image.width, image.height)
+    draw_boxes(image, boxes, a.draw_boxes)
+    say(
+        f"{len(boxes)} box(es) drawn on {a.draw_boxes}",
+        *(
+            f"  {label or '(no label)'}: ({x0:.0f}, {y0:.0f}) to ({x1:.0f}, {y1:.0f}) pixels"
+            for label, (x0, y0, x1, y1) in boxes
+        ),
+    )
 
 
 def draw_boxes(image: Image.Image, boxes, path: str) -> None:
@@ -580,6 +646,9 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout stopped reading (| head): not an error of this program
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        sys.exit(0)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:  # OSError includes FileNotFoundError
         print("error: " + one_line(e), file=sys.stderr)
         sys.exit(1)

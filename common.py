@@ -475,7 +475,9 @@ class GenerationSettings:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral if whole else numbers.Real):
                 raise ValueError(f"{name} must be {'an integer' if whole else 'a number'}, got {v!r}")
             if not (ok(v) and math.isfinite(v)):
-                raise ValueError(f"{name} must be {allowed}, got {v}")
+                raise ValueError(
+                    f"{name} must be {allowed if math.isfinite(v) else 'a finite number'}, got {v}"
+                )
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be a whole number in [0, 2**63), got {self.seed}")
         self.eos_token_ids = as_list(self.eos_token_ids)

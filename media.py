@@ -154,7 +154,7 @@ def check_frames(num_frames: int | None, fps: float | None) -> None:
     if num_frames is not None and (num_frames != int(num_frames) or num_frames < 1):
         raise ValueError(f"the number of frames must be a whole number >= 1, got {num_frames}")
     if fps is not None and not (fps > 0 and math.isfinite(fps)):
-        raise ValueError(f"fps must be > 0, got {fps}")
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
 
 
 def sample_frame_indices(

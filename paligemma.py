@@ -877,17 +877,13 @@ def main(argv: list[str] | None = None) -> None:
         "python paligemma.py --image examples/grace_hopper.jpg --prompt 'caption en'",
         frames=None,
         system=None,
-    )
-    ap.add_argument(
-        "--draw-boxes", metavar="OUT.png", help="draw the <loc> boxes of a detect answer, save here"
+        boxes="<loc> (a detect answer's)",
     )
     a = cli.check(ap.parse_args(argv))
     if not a.image and not (a.chat or a.batch_input):
         raise ValueError("PaliGemma needs an image: pass --image PATH")
-    if a.draw_boxes:
-        cli.check_output_image(a.draw_boxes)
 
-    model, processor = load(a.model, a.device, a.dtype, a.quantize)
+    model, processor = cli.load(load, PRESETS, a)  # one stderr line, and load_s for the summary
     if a.chat:  # one load, many task prefixes on the image features it keeps
         return cli.chat(a, Chat(model, processor), processor)
     if a.batch_input:  # one prompt over many images, in batches
@@ -903,10 +899,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.say(processor.decode(inputs["input_ids"][0], skip_special_tokens=False))
     out = cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
     if a.draw_boxes:
-        text = processor.decode(out[0], skip_special_tokens=False)
-        boxes = parse_boxes(text, images[0].width, images[0].height)
-        cli.draw_boxes(images[0], boxes, a.draw_boxes)
-        cli.say(f"{len(boxes)} box(es) drawn on {a.draw_boxes}: {boxes}")
+        cli.report_boxes(a, out, processor, images[0], parse_boxes)
 
 
 if __name__ == "__main__":

@@ -889,9 +889,16 @@ def main(argv: list[str] | None = None) -> None:
     if a.max_num_tiles is not None and a.max_num_tiles < 1:
         raise ValueError(f"--max-num-tiles must be >= 1, got {a.max_num_tiles}")
 
-    model, processor = load(a.model, a.device, a.dtype, a.quantize)
+    model, processor = cli.load(load, PRESETS, a)  # one stderr line, and load_s for the summary
     if a.max_num_tiles is not None:
         processor.image = replace(processor.image, max_num_tiles=a.max_num_tiles)
+        per_tile, context = model.tokens_per_tile(), model.cfg.text_config.max_position_embeddings
+        if (1 + a.max_num_tiles) * per_tile > context:  # found before tiling a large image for minutes
+            most = context // per_tile - 1
+            raise ValueError(
+                f"--max-num-tiles {a.max_num_tiles}: an image could become (1 + {a.max_num_tiles}) x "
+                f"{per_tile} tokens, more than the model's context of {context}: use at most {most}"
+            )
     if a.chat:  # one load, a conversation on the cache its turns leave
         return cli.chat(a, common.Chat(model, processor, a.system), processor)
     if a.batch_input:  # one prompt over many images, in batches

@@ -26,7 +26,7 @@ Where things are (section: what to read first):
   3 vision tower: vision_rope_angles, VisionAttention (block-diagonal), VisionBlock
   4 projector: PatchMerger (2x2), VisionTransformer (tower + merger)   5 decoder: mrope_cos_sin, KVCache
   6 the VLM: get_rope_index, Qwen2VL.embed / forward / prefill / decode_step / generate
-  7 the processor: Processor (chat template, placeholders)   8 weights: config_from_hf, rename, load
+  7 the processor: Processor (chat template, placeholders), parse_boxes   8 weights: config_from_hf, load
   9 command line: STAGES (for --explain), main (cli.py)
 
 Paper: "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any Resolution" (arXiv
@@ -778,6 +778,24 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out, "mm_token_type_ids": mm}
 
 
+GROUNDED = re.compile(
+    r"(?:<\|object_ref_start\|>(.*?)<\|object_ref_end\|>)?\s*"
+    r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>"
+)
+
+
+def parse_boxes(text: str, width: int, height: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """A grounding answer (decoded with its special tokens) -> [(label, (x0, y0, x1, y1)) in pixels]. Qwen2-VL
+    writes "<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(120,340),(560,880)<|box_end|>": the
+    corners (x, y) on a 0-1000 scale of the image's width and height, whatever size it was resized to."""
+    boxes = []
+    for label, x0, y0, x1, y1 in GROUNDED.findall(text):
+        x0, x1 = sorted((int(x0) / 1000 * width, int(x1) / 1000 * width))
+        y0, y1 = sorted((int(y0) / 1000 * height, int(y1) / 1000 * height))
+        boxes.append((label.strip(), (x0, y0, x1, y1)))
+    return boxes
+
+
 # ==========================================================================================================
 # 8. Weights
 # ==========================================================================================================
@@ -890,6 +908,7 @@ def main(argv: list[str] | None = None) -> None:
         "python qwen2_vl.py --image examples/grace_hopper.jpg --prompt 'Describe this image.'",
         frames="2 per second, at least 4, an even count",
         system=repr(DEFAULT_SYSTEM),
+        boxes="<|box_start|> (grounding)",
     )
     ap.add_argument("--min-pixels", type=int, help="lower bound on each image's resized area (default: 3136)")
     ap.add_argument(
@@ -897,7 +916,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = cli.check(ap.parse_args(argv))
 
-    model, processor = load(a.model, a.device, a.dtype, a.quantize)
+    model, processor = cli.load(load, PRESETS, a)  # one stderr line, and load_s for the summary
     bounds = {k: getattr(a, k) for k in ("min_pixels", "max_pixels") if getattr(a, k) is not None}
     processor.image, processor.video = replace(processor.image, **bounds), replace(processor.video, **bounds)
     if a.chat:  # one load, a conversation on the cache its turns leave
@@ -921,7 +940,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.say(f"video {i + 1}: {size} -> grid {t}x{h}x{w} -> {t * h * w // M**2} tokens")
     if a.show_prompt:
         cli.say(prompt)
-    cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
+    out = cli.generate_and_report(model, inputs, a, cli.visual_tokens(inputs, processor), STAGES)
+    if a.draw_boxes:
+        cli.report_boxes(a, out, processor, images[0], parse_boxes)
 
 
 if __name__ == "__main__":

@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = cli.check(ap.parse_args(argv))
 
-    model, processor = load(a.model, a.device, a.dtype, a.quantize)
+    model, processor = cli.load(load, PRESETS, a)  # one stderr line, and load_s for the summary
     if a.chat:  # one load, a conversation on the cache its turns leave
         return cli.chat(a, common.Chat(model, processor, a.system), processor)
     if a.batch_input:  # one prompt over many images, in batches

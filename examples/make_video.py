@@ -1,6 +1,6 @@
 """Writes examples/pan.mp4: a 2-second, 24 fps, 256x192 video panning and zooming over grace_hopper.jpg.
 
-    python examples/make_video.py [OUT.mp4]
+    python examples/make_video.py [OUT.mp4]      # default: examples/pan.mp4
 
 `write_video` is also what the tests use to make their video files.
 """
@@ -48,6 +48,14 @@ def pan_frames(n: int = 48, size: tuple[int, int] = (256, 192)) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "pan.mp4"
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "out", nargs="?", default=HERE / "pan.mp4", help="where to write it (default: %(default)s)"
+    )
+    out = Path(ap.parse_args().out)
+    if out.suffix.lower() != ".mp4":
+        sys.exit(f"error: {out} does not end in .mp4: name an .mp4 file")
     write_video(out, pan_frames())
     print(f"wrote {out}")

@@ -6,6 +6,7 @@ The bad-input matrix runs each file's `main` in this process through `cli.run_ma
 import importlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,13 +71,15 @@ def assert_one_error_line(code, out, err, *needles):
 
 BAD_EVERYWHERE = {
     "missing image": (["--image", "nope.png"], "image file not found: nope.png"),
-    "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
-    "top-p 0": (["--top-p", "0"], "top_p must be in (0, 1]"),
-    "top-p above 1": (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    "negative top-k": (["--top-k", "-2"], "top_k must be >= 0"),
-    "repetition penalty 0": (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
-    "max-new-tokens 0": (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-    "max-new-tokens -5": (["--max-new-tokens", "-5"], "max_new_tokens must be >= 1"),
+    "negative temperature": (["--temperature", "-1"], "--temperature must be >= 0"),
+    "top-p 0": (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    "top-p above 1": (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    "negative top-k": (["--top-k", "-2"], "--top-k must be >= 0"),
+    "repetition penalty 0": (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    "max-new-tokens 0": (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    "max-new-tokens -5": (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1"),
+    "infinite temperature": (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    "image folder": (["--image", ROOT / "examples"], "is a folder: name a file in it"),
     "device tpu": (["--device", "tpu"], "unknown device 'tpu'"),
     "max-image-pixels 0": (["--max-image-pixels", "0"], "--max-image-pixels must be >= 1"),
     "unknown flag": (["--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -84,7 +87,7 @@ BAD_EVERYWHERE = {
     "quantize int3": (["--quantize", "int3"], "invalid choice: 'int3' (choose from 'int8', 'int4')"),
 }
 if not torch.cuda.is_available():
-    BAD_EVERYWHERE["cuda without a GPU"] = (["--device", "cuda"], "torch sees no CUDA GPU")
+    BAD_EVERYWHERE["cuda without a GPU"] = (["--device", "cuda"], "torch sees no CUDA GPU; use --device cpu")
 
 
 @pytest.mark.parametrize("case", BAD_EVERYWHERE, ids=str)
@@ -106,9 +109,10 @@ def run_without_loading(capsys, monkeypatch, file, args):
 BAD_FRAMES = {
     "num-frames 0": (["--num-frames", "0"], "a whole number >= 1, got 0"),
     "num-frames -3": (["--num-frames", "-3"], "a whole number >= 1, got -3"),
-    "fps 0": (["--fps", "0"], "fps must be > 0"),
+    "fps 0": (["--fps", "0"], "--fps must be a finite number > 0"),
     "both": (["--num-frames", "4", "--fps", "2"], "give --num-frames or --fps, not both"),
     "missing video": (["--video", "nope.mp4"], "video file not found: nope.mp4"),
+    "frames without a video": (["--num-frames", "4"], "--num-frames and --fps sample a --video"),
 }
 
 
@@ -116,7 +120,7 @@ BAD_FRAMES = {
 @pytest.mark.parametrize("file", VIDEO_FILES)
 def test_bad_video_settings_stop_before_loading(file, case, ckpt, media, capsys):
     extra, needle = BAD_FRAMES[case]
-    video = [] if case == "missing video" else ["--video", media / "clip.mp4"]
+    video = [] if case in ("missing video", "frames without a video") else ["--video", media / "clip.mp4"]
     code, out, err = run(capsys, file, base(file, ckpt, media, image=False) + video + extra)
     assert_one_error_line(code, out, err, needle)
 
@@ -152,6 +156,7 @@ def test_bad_files_after_loading(file, ckpt, media, capsys, tmp_path):
 def test_model_specific_values(ckpt, media, capsys):
     cases = [
         ("perception_lm", ["--max-num-tiles", "0"], "--max-num-tiles must be >= 1"),
+        ("perception_lm", ["--max-num-tiles", "100000"], "more than the model's context of"),
         ("qwen2_vl", ["--min-pixels", "10"], "need 784 <= min <= max"),
         ("qwen2_vl", ["--min-pixels", "5000", "--max-pixels", "4000"], "need 784 <= min <= max"),
         ("paligemma", ["--system", "be brief"], "unrecognized arguments: --system"),
@@ -183,9 +188,13 @@ def test_answer_on_stdout_notes_and_valid_json_on_stderr(file, ckpt, media, caps
     assert code == 0, err
     lines = err.strip().splitlines()
     summary = json.loads(lines[-1])  # one token: no rate, and still valid JSON
-    assert summary["new_tokens"] == 1 and summary["tokens_per_s"] is None
+    assert summary["new_tokens"] == 1 and summary["tokens_per_s"] is None and summary["dtype"] == "float16"
     assert summary["stopped"] in ("eos", "max_new_tokens")
     assert any(line.startswith("warning: float16") for line in lines)
+    assert lines[0].startswith(f"loading {ckpt[file]} (") and lines[0].endswith(
+        " MB on disk) on cpu as float16"
+    )
+    assert summary["load_s"] > 0
     assert any(line.startswith("image 1: 80x60 -> ") and line.endswith(" tokens") for line in lines)
     if video:  # Video-LLaVA repeats frames of a short video up to the count; the others take what there is
         taken = "8 frames repeated from 6" if file == "video_llava" else "6 of 6 frames"
@@ -200,6 +209,12 @@ def test_short_video_notice(file, ckpt, media, capsys):
     assert code == 0, err
     how = "repeating them to make" if file == "video_llava" else "using them instead of"
     assert f"note: the video has 6 frames; {how} 12\n" in err
+
+
+def test_qwen2_vl_says_how_it_rounds_an_odd_frame_count(ckpt, media, capsys):
+    args = base("qwen2_vl", ckpt, media, image=False) + ["--video", media / "clip.mp4", "--num-frames", "5"]
+    code, out, err = run(capsys, "qwen2_vl", args + ["--max-new-tokens", "1"])
+    assert code == 0 and "note: --num-frames 5: this model takes frames in groups, 4 here\n" in err, err
 
 
 def help_of(file):
@@ -292,7 +307,7 @@ def test_sampling_ranges_in_the_python_api(ckpt):
     for kw, needle in (
         (dict(temperature=-0.5), "temperature must be >= 0"),
         (dict(top_p=0.0), "top_p must be in"),
-        (dict(top_p=float("nan")), "top_p must be in"),
+        (dict(top_p=float("nan")), "top_p must be a finite number"),
         (dict(top_k=-1), "top_k must be >= 0"),
         (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
         (dict(repetition_penalty=-1.0), "repetition_penalty must be > 0"),
@@ -511,6 +526,11 @@ def test_other_bad_inputs(ckpt, media, capsys, tmp_path, monkeypatch):
     for path, needle in cases:
         args = base("paligemma", ckpt, media) + ["--draw-boxes", path]
         assert_one_error_line(*run_without_loading(capsys, monkeypatch, "paligemma", args), needle)
+    args = base("qwen2_vl", ckpt, media, image=False) + ["--draw-boxes", tmp_path / "b.png"]
+    needle = "--draw-boxes draws on the first --image: add one"
+    assert_one_error_line(*run_without_loading(capsys, monkeypatch, "qwen2_vl", args), needle)
+    args = base("llava_onevision", ckpt, media) + ["--draw-boxes", tmp_path / "b.png"]
+    assert_one_error_line(*run(capsys, "llava_onevision", args), "unrecognized arguments: --draw-boxes")
 
 
 def test_an_internal_error_is_called_a_bug(capsys):
@@ -585,3 +605,13 @@ def test_record_shapes_hooks_named_stages_and_removes_them():
     with pytest.raises(AttributeError):
         with cli.record_shapes(model, [("9", "no such module", "")]):
             pass
+
+
+def test_a_reader_that_stops_early_is_no_error(ckpt, media):
+    """`... | head -c 10`: stdout's reader is gone before the answer ends; the program stops quietly."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has already stopped
+    cmd = [sys.executable, str(ROOT / "qwen2_vl.py"), *map(str, base("qwen2_vl", ckpt, media))]
+    done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert done.returncode == 0 and "error" not in done.stderr, done.stderr

@@ -120,6 +120,8 @@ def test_cli_compile_reports_the_compile_time(built, tmp_path, capsys):
     assert e.value.code == 0, err
     summary = json.loads(err.strip().splitlines()[-1])
     assert summary["compile_s"] > 0 and summary["new_tokens"] == 4
+    assert "note: the decode step compiles" in err  # said before the wait
+    assert summary["tokens_per_s"] > 1 / summary["compile_s"]  # the 2 steps after the compiled one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,5 +172,5 @@ def test_cli_on_cuda(file, built, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stderr.strip().splitlines()[-1])
-    assert summary["device"].startswith("cuda") and summary["dtype"] == "torch.bfloat16"
+    assert summary["device"].startswith("cuda") and summary["dtype"] == "bfloat16"
     assert summary["compile_s"] is not None

@@ -210,7 +210,7 @@ def test_cli_quantized_run(hub_checkpoint, tmp_path):
         "What?",
     ]
     out, summary = tiny.run_cli("qwen2_vl.py", *args, "--quantize", "int4", "--max-new-tokens", "4")
-    assert summary["quantize"] == "int4" and summary["dtype"] == "torch.bfloat16" and out.strip()
+    assert summary["quantize"] == "int4" and summary["dtype"] == "bfloat16" and out.strip()
 
 
 def test_cli_int4_on_a_width_without_a_group(hub_checkpoint, tmp_path, capsys):
