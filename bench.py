@@ -718,7 +718,7 @@ def bench_all(a: argparse.Namespace) -> str:
 
 
 def table_head(batch: int) -> list[str]:
-    """The column names and the separator line of bench_all's table (the README shows the same)."""
+    """The column names and the separator line of bench_all's table (SPEED.md shows the same)."""
     return [
         f"| model | setting | prompt (visual) | decode tok/s, batch 1 | decode tok/s, batch {batch} "
         "| time to first token | working memory | share of GEMV roofline, batch 1 | vs ours bf16 |",

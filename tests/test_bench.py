@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_all_on_the_cpu(tmp_path):
-    """Every model in every setting gives a row of figures, in the format the README shows."""
+    """Every model in every setting gives a row of figures, in the format SPEED.md shows."""
     out = tmp_path / "all.md"
     command = ["bench.py", "--all", "--device", "cpu", "--size", "tiny", "--out", str(out)]
     command += ["--new-tokens", "3", "--repeats", "1", "--batch", "2"]  # the fewest that still time decoding
@@ -28,14 +28,14 @@ def test_bench_all_on_the_cpu(tmp_path):
     assert [(r[0].strip("| "), r[1]) for r in rows] == [(m, s) for m in bench.BENCHES for s in bench.SETTINGS]
     number = r"[\d.]+"
     for r in rows:  # ours / transformers (ratio), or ours alone where transformers cannot run (PaliGemma 2,
-        # compiled: a transformers 5.23 bug, see README)
+        # compiled: a transformers 5.23 bug, see SPEED.md)
         assert re.fullmatch(rf"{number}( / {number} \({number}x\))?", r[3]), r  # tok/s, batch 1
         assert re.fullmatch(rf"{number}( / {number})? ms( \({number}\))?", r[5]), r  # time to first token
         assert (r[8].strip(" |") == "-") == (r[1] in ("eager", "compiled")), r  # quantized: vs ours bf16
     assert all(" / " in r[3] for r in rows if r[0] != "| paligemma2"), "transformers ran for the others"
 
 
-def test_readme_shows_the_bench_all_table_format():
-    readme = (ROOT / "README.md").read_text()
-    assert "\n".join(bench.table_head(8)) in readme
-    assert "python bench.py --all --device cuda" in readme
+def test_speed_md_shows_the_bench_all_table_format():
+    speed = (ROOT / "SPEED.md").read_text()
+    assert "\n".join(bench.table_head(8)) in speed
+    assert "python bench.py --all --device cuda" in speed
