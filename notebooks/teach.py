@@ -4,14 +4,17 @@ the notebooks call the model files for that.
 - `load_checkpoint`: a directory named by an environment variable, else the official default (downloaded),
   else a tiny random checkpoint built on the spot with tests/tiny.py (answers are then random tokens)
 - `example_photo`, `example_video`: the repository's example media (the video is written on first use)
-- `draw_grid`, `draw_tokens`, `draw_heat`, `draw_pipeline`, `draw_scatter`: the pictures; `table`,
-  `shape_table`: Markdown tables
+- `draw_anatomy`, `draw_grid`, `draw_tokens`, `draw_heat`, `draw_pipeline` (two branches meeting at the
+  scatter), `draw_scatter`: the pictures; `table`, `shape_table`: Markdown tables
 - `show_source`: the model file's function that a picture draws, with a link to its line
 - `stream`: generation with the answer streamed as it is produced, and its timings
 - `square_picture`, `answer_targets`, `iou`: the synthetic tasks the demo models are trained on (a coloured
   square on grey), the next-token targets of the answers only, and the overlap of two boxes
 - `reserved_for_test`, `square_places`, `draw_square`, `interval95`: the places kept out of training, every
   picture of a split, one picture drawn, and the 95 % interval of a held-out score
+- `check_function`: a write-a-function exercise checked against the model file's function on many inputs
+- `growing_square_video`, `two_square_picture` (with `two_square_boxes`, `two_squares_overlap`): the synthetic
+  tasks of the Video-LLaVA and PaliGemma demos
 """
 
 from __future__ import annotations
@@ -269,25 +272,88 @@ def shape_table(recorded: list[dict], stages, inputs: dict) -> None:
     table(rows, ["stage", "legend", "shape"])
 
 
-def draw_pipeline(recorded: list[dict], stages, inputs: dict, title: str) -> None:
-    """The model as a chain of boxes, pixels and token ids at the top, logits at the bottom: each stage of
-    `stages` (in the file's order) with the shape recorded for it. Vision stages green, the scatter of the
-    vision features into the token embeddings orange, the decoder blue."""
-    seen = first_calls(recorded)
-    pixels = [f"{k} {tuple(v.shape)}" for k, v in inputs.items() if v.is_floating_point()]
-    boxes = [("input: " + ", ".join(pixels) + f"; input_ids {tuple(inputs['input_ids'].shape)}", "#d9d9d9")]
-    for path, what, legend in stages:
-        vision = path.startswith(("visual", "vision_tower", "image_tower", "video_tower", "multi_modal"))
-        colour = COLORS["image"] if vision else "#fdae6b" if "embed_tokens" in path else COLORS["text"]
-        boxes.append((f"{what}\n{legend} = {seen[path]['shape']}", colour))
-    fig, ax = plt.subplots(figsize=(9, 0.62 * len(boxes)))
-    for i, (text, colour) in enumerate(boxes):
-        ax.text(0.5, -i, text, ha="center", va="center", bbox=dict(boxstyle="round", fc=colour, ec="grey"))
-        if i:
-            ax.annotate("", (0.5, -i + 0.3), (0.5, -i + 0.7), arrowprops=dict(arrowstyle="->", color="grey"))
-    ax.set(xlim=(0, 1), ylim=(-len(boxes) + 0.5, 0.5), title=title)
+def draw_pipeline(recorded: list[dict], stages, inputs: dict, title: str, steps: dict | None = None) -> None:
+    """The model as two branches that meet at the scatter: token ids -> token embeddings on the left,
+    pixels -> vision tower -> projector on the right (a second column for a separate video tower), then the
+    decoder down to the logits. Each stage of `stages` (in the file's order) carries its recorded shape;
+    `steps` = {stage path: text} adds a step that has no module of its own (packing, pooling) after that
+    stage. Vision green, token embeddings and the scatter orange, the decoder blue."""
+    seen, steps = first_calls(recorded), steps or {}
+    i_embed = next(i for i, (p, _, _) in enumerate(stages) if "embed_tokens" in p)
+    vision, decoder = stages[:i_embed], stages[i_embed + 1 :]
+    columns: dict[str, list] = {}  # branch -> [(text, colour)], top to bottom
+    for path, what, legend in vision:
+        branch = "video" if path.startswith("video_tower") else "image"
+        columns.setdefault(branch, []).append((f"{what}\n{legend} = {seen[path]['shape']}", COLORS["image"]))
+        if path in steps:
+            columns[branch].append((steps[path], COLORS["image"]))
+    pixels = {k: v for k, v in inputs.items() if v.is_floating_point()}
+    if "video" in columns:  # a tower of its own: each tower takes its own pixels
+        tops = {
+            "image": [k for k in pixels if "video" not in k],
+            "video": [k for k in pixels if "video" in k],
+        }
+    else:
+        tops = {"image": list(pixels)}
+    for branch, keys in tops.items():
+        text = "\n".join(f"{k} {tuple(pixels[k].shape)}" for k in keys)
+        columns[branch].insert(0, (text, "#d9d9d9"))
+    depth = max(len(c) for c in columns.values())
+    xs = {"image": 0.62, "video": 0.88} if "video" in columns else {"image": 0.72}
+    left = [(f"input_ids {tuple(inputs['input_ids'].shape)}", "#d9d9d9")]
+    path, what, legend = stages[i_embed]
+    left.append((f"{what.split(' (')[0]}\n{legend} = {seen[path]['shape']}", "#fdae6b"))
+    fig, ax = plt.subplots(figsize=(10, 0.75 * (depth + 1 + len(decoder))))
+    ends = []
+    for x, column in [(0.2, left), *((xs[b], c) for b, c in columns.items())]:
+        offset = depth - len(column)  # each branch ends on the row above the scatter
+        for j, (text, colour) in enumerate(column):
+            y = -(offset + j)
+            ax.text(
+                x,
+                y,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                bbox=dict(boxstyle="round", fc=colour, ec="grey"),
+            )
+            if j:
+                arrow(ax, (x, y + 1), (x, y))
+        ends.append((x, -(depth - 1)))
+    scatter = (0.5, -depth)
+    ax.text(
+        *scatter,
+        "scatter: vision features written over the placeholder rows of the embeddings",
+        ha="center",
+        va="center",
+        fontsize=8,
+        bbox=dict(boxstyle="round", fc="#fdae6b", ec="black"),
+    )
+    for end in ends:
+        arrow(ax, end, scatter)
+    for j, (path, what, legend) in enumerate(decoder, start=1):
+        y = -depth - j
+        ax.text(
+            0.5,
+            y,
+            f"{what}\n{legend} = {seen[path]['shape']}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox=dict(boxstyle="round", fc=COLORS["text"], ec="grey"),
+        )
+        arrow(ax, (0.5, y + 1), (0.5, y))
+    ax.set(xlim=(0, 1), ylim=(-depth - len(decoder) - 0.6, 0.6), title=title)
     ax.axis("off")
     plt.show()
+
+
+def arrow(ax, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A grey arrow between two boxes of draw_pipeline, from just below one to just above the other."""
+    ax.annotate(
+        "", (end[0], end[1] + 0.3), (start[0], start[1] - 0.3), arrowprops=dict(arrowstyle="->", color="grey")
+    )
 
 
 def draw_scatter(before: torch.Tensor, after: torch.Tensor, is_pad: torch.Tensor, title: str) -> None:
@@ -416,3 +482,132 @@ def draw_step_times(timing: dict, title: str) -> None:
     ax.set(title=title, xlabel="streamed piece (0 = first token, after the prefill)", ylabel="ms")
     ax.set_yscale("log")
     plt.show()
+
+
+def check_function(mine, reference, cases: list[tuple]) -> None:
+    """A write-a-function exercise's check: `mine(*case)` against the model file's `reference(*case)` for
+    every case (a tuple of arguments). While `mine` returns None it says so and stops; at the first case
+    where the two differ it raises an AssertionError that names the case and both results."""
+    if mine(*cases[0]) is None:
+        print(f"not written yet: fill in the function, then run this cell again ({len(cases)} cases wait)")
+        return
+    for case in cases:
+        got, want = mine(*case), reference(*case)
+        assert same(got, want), f"for {case}: yours gives {got}, {reference.__qualname__} gives {want}"
+    print(
+        f"right: yours agrees with {reference.__module__}.{reference.__qualname__} on all {len(cases)} cases"
+    )
+
+
+def same(a, b) -> bool:
+    """Equal results: tensors and arrays of one shape within 1e-5, sequences element by element, else ==."""
+    if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
+        a, b = torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a), torch.as_tensor(b)
+        return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def draw_anatomy() -> None:
+    """The parts every model here shares, as one diagram: the text branch (tokenizer, token embeddings)
+    and the vision branch (preprocessing, vision tower, shrink + projector) meet at the scatter;
+    then the decoder."""
+    left = [
+        "prompt text with a placeholder",
+        "(1) tokenizer + chat template\ntoken ids, placeholders repeated",
+        "token embeddings (B, T, D)",
+    ]
+    right = [
+        "image or video frames",
+        "(2) preprocessing\nresize / tile / crop, cut into patches",
+        "(3) vision tower (a ViT)\none vector per patch",
+        "(4) projector to the width D\n(three of the five also shrink the count)",
+    ]
+    below = [
+        "(5) scatter: vision vectors written over the placeholder rows",
+        "(6) decoder: positions (1-D or M-RoPE) + attention mask (causal or prefix-LM)",
+        "next-token logits, then (7) generate: prefill, KV cache, one token per step",
+    ]
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    for x, column, colour in ((0.22, left, "#fdae6b"), (0.72, right, COLORS["image"])):
+        for j, text in enumerate(column):
+            y = -j - (len(right) - len(column))
+            ax.text(
+                x,
+                y,
+                text,
+                ha="center",
+                va="center",
+                bbox=dict(boxstyle="round", fc=colour if j else "#d9d9d9", ec="grey"),
+            )
+            if j:
+                arrow(ax, (x, y + 1), (x, y))
+        arrow(ax, (x, -len(right) + 1), (0.5, -len(right)))
+    for j, text in enumerate(below):
+        y = -len(right) - j
+        colour = "#fdae6b" if j == 0 else COLORS["text"]
+        ax.text(0.5, y, text, ha="center", va="center", bbox=dict(boxstyle="round", fc=colour, ec="grey"))
+        if j:
+            arrow(ax, (0.5, y + 1), (0.5, y))
+    ax.set(xlim=(0, 1), ylim=(-len(right) - len(below) + 0.4, 0.6), title="the anatomy of the five models")
+    ax.axis("off")
+    plt.show()
+
+
+def growing_square_video(
+    rng: np.random.Generator, side: int = 56, frames: int = 8, split: str | None = None
+) -> tuple[np.ndarray, str, tuple]:
+    """A grey video (frames, side, side, 3) uint8 of one square that grows or shrinks steadily about a fixed
+    centre: (video, "grow" or "shrink", (colour, cx, cy, start, end)), sizes and centre in pixels. The small
+    size lies between side/9 and 3 side/8, the large one at least side/4 above it and at most 3 side/4;
+    which of the two comes first is a coin toss. Test videos are those with (cx + cy + start) % 4 == 0:
+    split="train" draws only the others, "test" only those, None any; every centre and every start size still
+    occurs in training, with other partners."""
+    while True:
+        small = int(rng.integers(side // 9, side * 3 // 8))
+        large = int(rng.integers(small + side // 4, side * 3 // 4 + 1))
+        start, end = (small, large) if rng.integers(2) else (large, small)
+        cx, cy = (int(v) for v in rng.integers(large // 2, side - (large - large // 2) + 1, size=2))
+        colour = list(SQUARE_COLOURS)[int(rng.integers(len(SQUARE_COLOURS)))]
+        if split is None or ((cx + cy + start) % 4 == 0) == (split == "test"):
+            break
+    video = np.full((frames, side, side, 3), 128, np.uint8)
+    for t in range(frames):
+        s = round(start + (end - start) * t / (frames - 1))
+        video[t, cy - s // 2 : cy - s // 2 + s, cx - s // 2 : cx - s // 2 + s] = SQUARE_COLOURS[colour]
+    return video, "grow" if end > start else "shrink", (colour, cx, cy, start, end)
+
+
+def two_square_boxes(side: int = 112, grid: int = 14) -> list[tuple[int, int, int]]:
+    """Every (x, y, size) in pixels that two_square_picture may give a square: 2 or 3 grid steps a side, its
+    top-left corner on the grid, wholly inside a side x side picture."""
+    n = side // grid
+    return [
+        (grid * i, grid * j, grid * k) for k in (2, 3) for j in range(n - k + 1) for i in range(n - k + 1)
+    ]
+
+
+def two_squares_overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """Whether two squares (x, y, size) share any pixel (touching edges do not count)."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
+
+
+def two_square_picture(
+    rng: np.random.Generator, fixed: dict | None = None, side: int = 112, grid: int = 14
+) -> tuple[np.ndarray, dict[str, tuple[int, int, int]]]:
+    """A grey (side, side, 3) uint8 picture with a red and a blue square that do not overlap: (picture,
+    {"red": (x, y, size), "blue": (x, y, size)}) in pixels. `fixed` = {colour: box} puts that square there
+    (a test picture's asked square, at a place reserved_for_test); every other square is drawn at random from
+    the places of two_square_boxes that are NOT reserved_for_test and do not overlap a square already placed.
+    So without `fixed` (training) no square is ever at a reserved place."""
+    boxes = dict(fixed or {})
+    free = [b for b in two_square_boxes(side, grid) if not reserved_for_test(b[0], b[1], grid=grid)]
+    for colour in ("red", "blue"):
+        if colour not in boxes:
+            ok = [b for b in free if not any(two_squares_overlap(b, o) for o in boxes.values())]
+            boxes[colour] = ok[int(rng.integers(len(ok)))]
+    picture = np.full((side, side, 3), 128, np.uint8)
+    for colour, (x, y, s) in boxes.items():
+        picture[y : y + s, x : x + s] = SQUARE_COLOURS[colour]
+    return picture, boxes

@@ -60,3 +60,42 @@ def test_runs_offline_and_reproduces_its_outputs(path, tmp_path, monkeypatch):
         assert old.source == new.source
         if new.cell_type == "code" and "stream(" not in new.source:
             assert texts(new) == texts(old), f"re-run python notebooks/execute.py: {new.source[:80]!r}"
+
+
+def tagged(nb, tag: str) -> list:
+    return [c for c in nb.cells if tag in c.get("metadata", {}).get("tags", [])]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_make_a_student_think(path):
+    """Each model notebook has a write-a-function exercise checked against the model file and a
+    predict-the-picture exercise; every solution is collapsed; no exercise asks for common.cache_length."""
+    nb = nbformat.read(path, as_version=4)
+    if path.stem in MODELS:
+        functions = tagged(nb, "exercise:function")
+        assert functions and all("teach.check_function(" in c.source for c in functions)
+        assert tagged(nb, "exercise:picture")
+    solutions = tagged(nb, "solution")
+    assert solutions, "exercises come with their solutions"
+    assert all(c.metadata.get("jupyter", {}).get("source_hidden") for c in solutions), "solutions collapsed"
+    assert not [c for c in nb.cells if c.source.strip() == "Solution:"], "an uncollapsed solution"
+    exercises = [c for c in nb.cells if any(t.startswith("exercise:") for t in c.metadata.get("tags", []))]
+    assert not [c for c in exercises + solutions if "cache_length" in c.source]
+
+
+def test_no_exercise_repeats_another():
+    """The question of every exercise (the markdown cell before an exercise's code cell) is asked once."""
+    questions = []
+    for path in NOTEBOOKS:
+        cells = nbformat.read(path, as_version=4).cells
+        for before, cell in zip(cells, cells[1:]):
+            if any(t.startswith("exercise:") for t in cell.get("metadata", {}).get("tags", [])):
+                questions.append(before.source if cell.cell_type == "code" else cell.source)
+    assert len(questions) == len(set(questions))
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in MODELS], ids=lambda p: p.stem)
+def test_trained_demo_reports_a_spread(path):
+    """Every model notebook trains a demo and gives its held-out score with a 95 % interval."""
+    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert "backward()" in source and "teach.interval95(" in source
