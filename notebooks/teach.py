@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -274,79 +275,70 @@ def shape_table(recorded: list[dict], stages, inputs: dict) -> None:
 
 def draw_pipeline(recorded: list[dict], stages, inputs: dict, title: str, steps: dict | None = None) -> None:
     """The model as two branches that meet at the scatter: token ids -> token embeddings on the left,
-    pixels -> vision tower -> projector on the right (a second column for a separate video tower), then the
-    decoder down to the logits. Each stage of `stages` (in the file's order) carries its recorded shape;
-    `steps` = {stage path: text} adds a step that has no module of its own (packing, pooling) after that
-    stage. Vision green, token embeddings and the scatter orange, the decoder blue."""
+    pixels -> vision tower -> projector on the right (a separate video tower gets a column of its own, the
+    two joined at the projector both share), then the decoder down to the logits. Each stage of `stages` (in
+    the file's order) carries its recorded shape (its first call); `steps` = {stage path: text} adds a step
+    with no module of its own (packing, pooling) after that stage. Vision green, embeddings and scatter
+    orange, the decoder blue."""
     seen, steps = first_calls(recorded), steps or {}
     i_embed = next(i for i, (p, _, _) in enumerate(stages) if "embed_tokens" in p)
     vision, decoder = stages[:i_embed], stages[i_embed + 1 :]
-    columns: dict[str, list] = {}  # branch -> [(text, colour)], top to bottom
+    two = any(p.startswith("video_tower") for p, _, _ in vision)
+    columns: dict[str, list] = {"image": []} | ({"video": []} if two else {})
+    shared: list = []  # the stages after two towers (the projector both use), where the towers join
     for path, what, legend in vision:
-        branch = "video" if path.startswith("video_tower") else "image"
-        columns.setdefault(branch, []).append((f"{what}\n{legend} = {seen[path]['shape']}", COLORS["image"]))
+        tower = (
+            "video" if path.startswith("video_tower") else "image" if path.startswith("image_tower") else None
+        )
+        into = columns[tower] if two and tower else shared if two else columns["image"]
+        into.append((f"{textwrap.fill(what, 40)}\n{legend} = {seen[path]['shape']}", COLORS["image"]))
         if path in steps:
-            columns[branch].append((steps[path], COLORS["image"]))
+            into.append((steps[path], COLORS["image"]))
     pixels = {k: v for k, v in inputs.items() if v.is_floating_point()}
-    if "video" in columns:  # a tower of its own: each tower takes its own pixels
-        tops = {
-            "image": [k for k in pixels if "video" not in k],
-            "video": [k for k in pixels if "video" in k],
-        }
-    else:
-        tops = {"image": list(pixels)}
-    for branch, keys in tops.items():
-        text = "\n".join(f"{k} {tuple(pixels[k].shape)}" for k in keys)
-        columns[branch].insert(0, (text, "#d9d9d9"))
+    for tower, column in columns.items():  # each tower takes its own pixels; one tower takes them all
+        keys = [k for k in pixels if not two or ("video" in k) == (tower == "video")]
+        column.insert(0, ("\n".join(f"{k} {tuple(pixels[k].shape)}" for k in keys), "#d9d9d9"))
     depth = max(len(c) for c in columns.values())
-    xs = {"image": 0.62, "video": 0.88} if "video" in columns else {"image": 0.72}
-    left = [(f"input_ids {tuple(inputs['input_ids'].shape)}", "#d9d9d9")]
+    xs = {"image": 0.52, "video": 0.84} if two else {"image": 0.7}
+    join, scatter = sum(xs.values()) / len(xs), depth + len(shared)  # the scatter's row
     path, what, legend = stages[i_embed]
+    left = [(f"input_ids {tuple(inputs['input_ids'].shape)}", "#d9d9d9")]
     left.append((f"{what.split(' (')[0]}\n{legend} = {seen[path]['shape']}", "#fdae6b"))
-    fig, ax = plt.subplots(figsize=(10, 0.75 * (depth + 1 + len(decoder))))
+    fig, ax = plt.subplots(figsize=(12 if two else 10, 0.8 * (scatter + 1 + len(decoder))))
     ends = []
-    for x, column in [(0.2, left), *((xs[b], c) for b, c in columns.items())]:
-        offset = depth - len(column)  # each branch ends on the row above the scatter
-        for j, (text, colour) in enumerate(column):
-            y = -(offset + j)
-            ax.text(
-                x,
-                y,
-                text,
-                ha="center",
-                va="center",
-                fontsize=8,
-                bbox=dict(boxstyle="round", fc=colour, ec="grey"),
-            )
-            if j:
-                arrow(ax, (x, y + 1), (x, y))
-        ends.append((x, -(depth - 1)))
-    scatter = (0.5, -depth)
-    ax.text(
-        *scatter,
+    for x, column, last in [(0.16, left, scatter - 1), *((xs[t], c, depth - 1) for t, c in columns.items())]:
+        for j, (text, colour) in enumerate(column):  # each column ends on its row `last`
+            box(ax, x, -(last - len(column) + 1 + j), text, colour, arrow_in=j > 0)
+        ends.append((x, -last))
+    for j, (text, colour) in enumerate(shared):
+        box(ax, join, -(depth + j), text, colour, arrow_in=j > 0)
+    if shared:
+        for end in ends[1:]:
+            arrow(ax, end, (join, -depth))
+        ends = [ends[0], (join, -(scatter - 1))]
+    box(
+        ax,
+        0.5,
+        -scatter,
         "scatter: vision features written over the placeholder rows of the embeddings",
-        ha="center",
-        va="center",
-        fontsize=8,
-        bbox=dict(boxstyle="round", fc="#fdae6b", ec="black"),
+        "#fdae6b",
     )
     for end in ends:
-        arrow(ax, end, scatter)
+        arrow(ax, end, (0.5, -scatter))
     for j, (path, what, legend) in enumerate(decoder, start=1):
-        y = -depth - j
-        ax.text(
-            0.5,
-            y,
-            f"{what}\n{legend} = {seen[path]['shape']}",
-            ha="center",
-            va="center",
-            fontsize=8,
-            bbox=dict(boxstyle="round", fc=COLORS["text"], ec="grey"),
-        )
-        arrow(ax, (0.5, y + 1), (0.5, y))
-    ax.set(xlim=(0, 1), ylim=(-depth - len(decoder) - 0.6, 0.6), title=title)
+        box(ax, 0.5, -scatter - j, f"{what}\n{legend} = {seen[path]['shape']}", COLORS["text"], arrow_in=True)
+    ax.set(xlim=(0, 1), ylim=(-scatter - len(decoder) - 0.6, 0.6), title=title)
     ax.axis("off")
     plt.show()
+
+
+def box(ax, x: float, y: float, text: str, colour: str, arrow_in: bool = False) -> None:
+    """One box of draw_pipeline, centred at (x, y); arrow_in: an arrow from the box above it."""
+    ax.text(
+        x, y, text, ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round", fc=colour, ec="grey")
+    )
+    if arrow_in:
+        arrow(ax, (x, y + 1), (x, y))
 
 
 def arrow(ax, start: tuple[float, float], end: tuple[float, float]) -> None:

@@ -170,7 +170,7 @@ def test_generation_settings_are_checked():
     for bad, needle in (
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
-        (dict(top_p=float("inf")), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=float("inf")), "top_p must be a finite number, got inf"),
         (dict(temperature=None), "temperature must be a number"),
         (dict(seed=-1), "seed must be a whole number"),
         (dict(eos_token_ids=["x"]), "eos_token_ids must be token ids"),
