@@ -254,9 +254,10 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
             mark_first()
             return scores
 
-    # ours: common.decode_loop calls common.sample once per new token; main() patches this in while timing
-    real_sample = common.sample
-    BENCHED["sample"] = lambda *args, **kw: mark_first() or real_sample(*args, **kw)
+    # ours: common.decode_loop checks the prefill's logits (a host read) just before it chooses the first
+    # token; run() patches this in while timing
+    real_check = common.check_finite
+    BENCHED["check_finite"] = lambda logits: real_check(logits) or mark_first()
 
     def hf(data, n):
         extra = {}
@@ -284,12 +285,16 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
 
         return run
 
-    def calls(generate):
-        return {
+    def calls(generate, model=None):
+        timed_calls = {
             "ttft_s": lambda: generate(inputs, 1),
             "decode1": decode_s(generate, inputs),
             "decodeB": decode_s(generate, batch),
         }
+        if model is not None:  # ours: the step alone, replayed
+            timed_calls["decode_step1"] = lambda: step_ms(model, generate, inputs, a.new_tokens, a.compile)
+            timed_calls["decode_stepB"] = lambda: step_ms(model, generate, batch, a.new_tokens, a.compile)
+        return timed_calls
 
     ids = inputs["input_ids"]
     n_visual = sum(int((ids == getattr(proc, f"{m}_token_id", -1)).sum()) for m in ("image", "video"))
@@ -303,7 +308,7 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
         "ours": {
             "preprocess_s": lambda: proc(text=text, **one),
             "vision_s": lambda: vision[0](inputs),
-            **calls(mine),
+            **calls(mine, ours),
         },
         "transformers": {
             "preprocess_s": lambda: hproc(text=[text], **one, return_tensors="pt"),
@@ -315,8 +320,27 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
         del runs["transformers"]
     if "unquantized" in BENCHED:  # the same model unquantized: the vision side is shared: generation only
         plain = BENCHED["unquantized"]
-        runs["ours unquantized"] = calls(lambda data, n: mine(data, n, plain))
+        runs["ours unquantized"] = calls(lambda data, n: mine(data, n, plain), plain)
     return runs
+
+
+def step_ms(model, generate, data, n: int, compile: bool) -> float:
+    """Milliseconds per decode step in steady state: one generate() of n tokens leaves its Decoding on the
+    model; its last n - 1 steps are run again on the same tensors (slot and position moved back, the cache
+    as it was), with one sync at the end. With --compile: replays of the compiled token (a CUDA graph on
+    CUDA); nothing else runs between them, neither the loop's checks nor a host read."""
+    generate(data, n)
+    d, device = model._decoding, model._decoding.tokens.device
+    step = common.compiled_next_token(model) if compile else common.next_token
+    settings = common.GenerationSettings(max_new_tokens=n, eos_token_ids=[])  # generate()'s for the bench
+    eos = torch.tensor([], dtype=torch.long, device=device)
+    d.slot.sub_(n - 1), d.pos.sub_(n - 1)
+
+    def steps():
+        for _ in range(n - 1):
+            step(model.decode_step, d, settings, model.pad_token_id, eos)
+
+    return timed(steps, device)[0] / (n - 1) * 1e3
 
 
 def chat_runs(a, device, ours, ref, proc, hproc, media: dict) -> dict:
@@ -536,7 +560,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, help="timed runs, median taken (default 5; 3 with --all)")
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -606,10 +630,10 @@ def run(a: argparse.Namespace) -> dict:
             return session_table(a, runs, device)
     results = {name: {} for name in runs}
     warmup = {}
-    with torch.inference_mode(), unittest.mock.patch.object(common, "sample", BENCHED["sample"]):
+    with torch.inference_mode(), unittest.mock.patch.object(common, "check_finite", BENCHED["check_finite"]):
         for name in list(runs):  # warm-up (with --compile: the compiles)
             try:
-                warmup[name] = sum(timed(fn, device)[0] for fn in runs[name].values())
+                warmup[name] = {key: timed(fn, device)[0] for key, fn in runs[name].items()}
             except Exception as e:
                 if name == "ours":
                     raise
@@ -627,10 +651,17 @@ def run(a: argparse.Namespace) -> dict:
         if measure_memory:
             for name in runs:
                 results[name]["work_mem_mb"] = working_memory_mb(runs[name]["decode1"], device, 1)
+        compile_s = {  # with --compile: the first generate() of each batch size, less the same call again
+            name: sum(warmup[name][k] - timed(runs[name][k], device)[0] for k in ("decode1", "decodeB"))
+            for name in runs
+            if a.compile
+        }
     for r in results.values():
         N = a.new_tokens
         r["decode_tok_s_b1"] = (N - 1) / r.pop("decode1")
         r[f"decode_tok_s_b{a.batch}"] = a.batch * (N - 1) / r.pop("decodeB")
+        if "decode_step1" in r:
+            r["step_ms_b1"], r[f"step_ms_b{a.batch}"] = r.pop("decode_step1"), r.pop("decode_stepB")
     keys = list(results["ours"])
     label = {"ours": f"ours {a.quantize}" if a.quantize else "ours", "transformers": BENCHED.get("peer")}
     label["ours unquantized"] = f"ours {str(dtype).removeprefix('torch.')}"
@@ -649,12 +680,14 @@ def run(a: argparse.Namespace) -> dict:
                 f"{'ours/' + other.removeprefix('ours '):{width}}"
                 + "".join(f"{ratio[k]:18.2f}" if ratio[k] is not None else f"{'':18}" for k in keys)
             )
-    print(
-        "warm-up s"
-        + (" (compiles)" if a.compile else "")
-        + ": "
-        + ", ".join(f"{n} {t:.1f}" for n, t in warmup.items())
-    )
+    print("warm-up s: " + ", ".join(f"{n} {sum(t.values()):.1f}" for n, t in warmup.items()))
+    if a.compile:
+        print(
+            f"compile s (the first batch-1 and batch-{a.batch} runs less the same runs again): "
+            + ", ".join(f"{n} {t:.1f}" for n, t in compile_s.items())
+        )
+        for r, t in zip(results.values(), compile_s.values()):
+            r["compile_s"] = t
     shares = roofline(BENCHED["prompt_tokens"], results, a, device)
     return {"results": results, "roofline": shares, "prompt": BENCHED["prompt"]}
 
@@ -721,8 +754,9 @@ def table_head(batch: int) -> list[str]:
     """The column names and the separator line of bench_all's table (SPEED.md shows the same)."""
     return [
         f"| model | setting | prompt (visual) | decode tok/s, batch 1 | decode tok/s, batch {batch} "
-        "| time to first token | working memory | share of GEMV roofline, batch 1 | vs ours bf16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| time to first token | working memory | share of GEMV roofline, batch 1 | vs ours bf16 "
+        f"| ours step ms, batch 1 / {batch} | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
 
@@ -771,10 +805,12 @@ def table_row(model: str, setting: str, done: dict, batch: int) -> str:
     memory = "-"
     if "work_mem_mb" in ours:
         memory = cell("work_mem_mb", unit=" MiB", digits=1, faster_is_higher=False)
+    step = f"{ours['step_ms_b1']:.2f} / {ours[f'step_ms_b{batch}']:.2f}"
+    compiled = "-" if "compile_s" not in ours else cell("compile_s", faster_is_higher=False)
     return (
         f"| {model} | {setting} | {r['prompt']} | {cell('decode_tok_s_b1')} | "
         f"{cell(f'decode_tok_s_b{batch}', digits=0)} | "
-        f"{cell('ttft_s', 1e3, ' ms', 0, False)} | {memory} | {roof} | {versus} |"
+        f"{cell('ttft_s', 1e3, ' ms', 0, False)} | {memory} | {roof} | {versus} | {step} | {compiled} |"
     )
 
 
@@ -829,8 +865,9 @@ def gemv_bandwidth(n_bytes: int, device, dtype) -> float:
 def decode_floor(model, prompt_tokens: int, new_tokens: int, device) -> float:
     """Seconds the reading part of one batch-1 decode step takes run bare: each of the decoder's linear
     layers (the model's own, quantized ones included) on one row, then one query's attention over each
-    layer's half-full cache. No implementation can skip this work; small matrices reach less of the bandwidth
-    than one large GEMV, so the floor sits below the roofline."""
+    layer's half-full cache; on CUDA captured in one CUDA graph, so that launch overhead is not measured. No
+    implementation can skip this work; small matrices reach less of the bandwidth than one large GEMV, so the
+    floor sits below the roofline."""
     layers = decoder_layers(model)
     dtype = embedding(model).weight.dtype
     xs = [torch.randn(1, m.in_features, device=device, dtype=dtype) for m in layers]
@@ -844,7 +881,18 @@ def decode_floor(model, prompt_tokens: int, new_tokens: int, device) -> float:
         for k, v in caches:
             torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    return min(timed(step, device)[0] for _ in range(10))
+    run = step
+    if device.type == "cuda":  # in one CUDA graph: the kernels back to back, no launch gaps between them
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, kernel choices)
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    return min(timed(run, device)[0] for _ in range(10))
 
 
 def roofline(prompt_tokens: int, results, a, device) -> dict[str, float]:

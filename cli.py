@@ -129,7 +129,7 @@ def parser(
     g.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step (CUDA graphs on CUDA): a slow first step",
+        help="torch.compile the decode step with its sampling (CUDA graphs on CUDA): a slow first step",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     g.add_argument(
@@ -320,7 +320,7 @@ def generate_and_report(model, inputs: dict, a, n_visual: int, stages=()) -> tor
     printer = Printer()
     kw = settings(a) | dict(streamer=printer, compile=a.compile)
     if a.compile:
-        say("note: the decode step compiles during the first step (tens of seconds the first time)")
+        say("note: the decode step compiles, with its sampling, during the first step (tens of seconds)")
     t0 = time.perf_counter()
     with record_shapes(model, stages if a.explain else []) as rows:
         tokens = model.generate(**inputs, **kw)

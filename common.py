@@ -3,7 +3,8 @@ placeholders, batches, pixels), checkpoints (files, config and its checks, weigh
 (the checks at its door, sampling, the decode loop) and a conversation that continues on its kept cache
 (Chat). The unit a researcher copies is a model file and this file: cli.py, quant.py and media.py are imported
 only for the command line, int8/int4 weights, and files, URLs, videos, 16-bit images or odd array layouts.
-Layers never live here; only Chat keeps state (its conversation and cache).
+Layers never live here. State: a model's last Decoding (its caches, kept for the next call) and compiled token
+function, in the model's __dict__; Chat's conversation and cache.
 """
 
 from __future__ import annotations
@@ -526,13 +527,24 @@ def check_feature_count(what: str, placeholder: str, is_pad: torch.Tensor, need:
 
 def cache_length(T: int, max_new_tokens: int) -> int:
     """Slots a static KV cache needs: the prompt and the new tokens, rounded up to a multiple of 16 (so that
-    nearby prompt lengths share one compiled decode step)."""
+    nearby prompt lengths share one cache, kept between calls)."""
     return -(-(T + max_new_tokens) // 16) * 16
 
 
-def sample(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
+# Sampling: one method for the eager and the compiled decode, with no sort and no host read
+
+TOP_P_CANDIDATES = 1024  # top-p chooses among at most this many of the most likely tokens (or top_k)
+
+
+def sample(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, key=None):
     """logits (B, V) -> one token per row (B,). Repetition penalty on the tokens `seen` (B, V) bool, then
-    temperature, top-k and top-p, in that order. Greedy when temperature == 0."""
+    temperature, top-k and top-p, in that order. Greedy when temperature == 0.
+    Without a sort over the vocabulary: top-k keeps the logits >= the k-th largest (torch.topk's pivot); top-p
+    keeps the most likely tokens until their probability reaches top_p, looking only at the
+    min(top_k or TOP_P_CANDIDATES, V) most likely ones. The draw is argmax(p / E), E ~ Exp(1) per token: the
+    first of independent exponential clocks to ring, which picks token j with probability p_j (no
+    multinomial, so no host read). The noise comes from `key` (B,) int64, one per row (None: a random one), so
+    eager and compiled code draw the same noise. Ties at a pivot are all kept."""
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         # NOTE: a seen token's logit is divided by the penalty when positive, multiplied when negative.
@@ -541,54 +553,237 @@ def sample(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_pe
     if temperature == 0.0:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+    k = top_k if top_k > 0 else (TOP_P_CANDIDATES if top_p < 1.0 else 0)  # the candidates to look at
+    k = min(k, logits.shape[-1])
+    if k:
+        top = torch.topk(logits, k, dim=-1).values  # (B, k), largest first
+        kth = top[:, -1:]  # (B, 1)
+        if top_p < 1.0:  # probabilities after top-k (over the whole vocabulary without it)
+            probs = (top - (top if top_k > 0 else logits).logsumexp(-1, keepdim=True)).exp()  # (B, k)
+            before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
+            kept = (before < top_p).sum(-1, keepdim=True)  # (B, 1), >= 1: the first is always kept
+            kth = top.gather(1, kept - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
-        drop[:, 0] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B, 1) -> (B,)
+    key = noise_keys(None, logits.shape[0]).to(logits.device) if key is None else key
+    return (logits.softmax(-1) / exponential_noise(key, logits.shape[-1])).argmax(-1)  # (B,)
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """An integer mix of the low 32 bits of each int64 value: nearby inputs give unrelated outputs."""
+    x = x & 0xFFFFFFFF
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF  # < 2**59: no int64 overflow
+    return (x >> 16) ^ x
+
+
+def exponential_noise(key: torch.Tensor, V: int) -> torch.Tensor:
+    """(B,) keys -> (B, V) Exp(1) noise, a function of (key, column) only: integer maths, then -log u with
+    u in (0, 1) on a grid of 2**23 steps."""
+    x = hash32(hash32(key)[:, None] + torch.arange(V, device=key.device))  # (B, V)
+    return -torch.log(((x >> 9).float() + 0.5) / 2**23)  # NOTE: 23 bits, so that float32 keeps u below 1
+
+
+def noise_keys(seed: int | None, B: int) -> torch.Tensor:
+    """The rows' first noise keys (B,): from `seed`, or from torch's random generator (torch.manual_seed)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return hash32(torch.tensor(seed ^ (seed >> 32)) + hash32(torch.arange(B) + 1))  # (B,)
+
+
+# The decode loop: the state its steps share, one token per step, in one compiled function
+
+
+@dataclass(eq=False)
+class Decoding:
+    """The tensors every decode step reads and writes, in place: the static KV caches and the sampling state.
+    A model keeps its last Decoding between generate() calls and reuses it when the batch size and cache
+    length match (`decoding`), so the tensors keep their storage: a CUDA graph replays on them as they are.
+
+        slot s:      0 .. T-1 the prompt (left-padded)   T, T+1, ... the new tokens, one per step
+        keep[b, s]:  the slot holds a real token of row b or will (False on padding)
+        tokens[b, s]: the token sampled for slot s (the prompt's slots stay 0)
+    """
+
+    caches: list  # one static cache per decoder layer
+    keep: torch.Tensor  # (B, S) bool
+    tokens: torch.Tensor  # (B, S) long
+    token: torch.Tensor  # (B, 1): the last token sampled, the next step's input
+    pos: torch.Tensor  # (B, 1): its position
+    slot: torch.Tensor  # (1,): its slot
+    finished: torch.Tensor  # (B,) bool: the rows that sampled an EOS
+    key: torch.Tensor  # (B,) long: each row's noise key, mixed again after every token
+    seen: torch.Tensor | None = None  # (B, V) bool, for the repetition penalty: the tokens each row holds
+    first: int = 0  # the slot of the first new token
+
+    def begin(self, last_slot: int, last_pos: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """The prompt is in the caches up to `last_slot`; `last_pos` (B,) the position of each row's last
+        prompt token; `keep` (B, T) its non-padding tokens (None: no padding)."""
+        self.slot.fill_(last_slot)
+        self.pos.copy_(last_pos.view(-1, 1))
+        self.keep.fill_(True)
+        if keep is not None:
+            self.keep[:, : keep.shape[1]] = keep
+        self.tokens.zero_()
+        self.finished.zero_()
+        self.first = last_slot + 1
+
+
+def kept_decoding(model: torch.nn.Module, B: int, S: int, like: torch.Tensor, new_caches: Callable[[], list]):
+    """The model's kept Decoding if it has B rows, S slots and caches in the device and dtype of `like` (its
+    caches zeroed), else a new one from `new_caches()`, kept (`del model._decoding` frees it).
+    NOTE: kept only at the same S, so that a call's numbers never depend on the calls before it."""
+    d = model.__dict__.get("_decoding")
+    k = None if d is None else d.caches[0].k
+    if k is not None and d.keep.shape == (B, S) and (k.device, k.dtype) == (like.device, like.dtype):
+        for cache in d.caches:
+            cache.k.zero_()
+            cache.v.zero_()
+        return d
+    model.__dict__.pop("_decoding", None)  # its memory goes before the new one is taken
+    model.__dict__["_decoding"] = d = new_decoding(new_caches(), B, S)
+    return d
+
+
+def new_decoding(caches: list, B: int, S: int) -> Decoding:
+    """A Decoding around static caches of B rows and S slots, its other tensors on the caches' device."""
+
+    def zeros(*size, dtype=torch.long):
+        return torch.zeros(*size, dtype=dtype, device=caches[0].k.device)
+
+    flags = dict(dtype=torch.bool)
+    d = Decoding(caches, keep=zeros(B, S, **flags), tokens=zeros(B, S), token=zeros(B, 1), pos=zeros(B, 1),
+                 slot=zeros(1), finished=zeros(B, **flags), key=zeros(B))  # fmt: skip
+    mark_for_compile(d)
+    return d
+
+
+def mark_for_compile(d: Decoding) -> None:
+    """Tell torch.compile that the tensors stay where they are (a CUDA graph reads them in place) and that the
+    batch and cache-length dimensions vary (one compiled step for all of them)."""
+    tensors = [d.keep, d.tokens, d.token, d.pos, d.finished, d.key, d.slot]
+    tensors += [t for c in d.caches for t in (c.k, c.v)] + ([] if d.seen is None else [d.seen])
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+        if t is not d.slot:
+            torch._dynamo.mark_dynamic(t, 0)  # B
+    for t in (d.keep, d.tokens):
+        torch._dynamo.mark_dynamic(t, 1)  # S: (B, S)
+    for t in [t for c in d.caches for t in (c.k, c.v)]:
+        torch._dynamo.mark_dynamic(t, 2)  # S: (B, Hkv, S, Dh)
+
+
+def choose(d: Decoding, logits: torch.Tensor, s: GenerationSettings, pad_id: int, eos: torch.Tensor) -> None:
+    """Sample the next token of every row from its logits (B, V) and write it down: in `tokens` at the next
+    slot, as the next step's input, in `seen`; a row that has finished gets pad_id; the next noise key."""
+    token = sample(logits, d.seen, s.temperature, s.top_k, s.top_p, s.repetition_penalty, d.key)
+    token = torch.where(d.finished, pad_id, token)  # (B,)
+    d.slot.add_(1)
+    d.pos.add_(1)
+    d.tokens.index_copy_(1, d.slot, token[:, None])
+    d.token.copy_(token[:, None])
+    if len(eos):
+        d.finished.logical_or_(torch.isin(token, eos))
+    if d.seen is not None:
+        d.seen.scatter_(1, token[:, None], True)
+    d.key.copy_(hash32(d.key + 1))
+
+
+def next_token(decode_step: Callable, d: Decoding, s: GenerationSettings, pad_id: int, eos: torch.Tensor):
+    """One decode step and its sampling: the last token goes through the decoder (into the caches at its
+    slot), and the next one is chosen. Everything in place, nothing read on the host: what
+    generate(compile=True) compiles whole."""
+    choose(d, decode_step(d.token, d.pos, d.slot, d.keep, d.caches), s, pad_id, eos)
+
+
+def compiled_next_token(model: torch.nn.Module) -> Callable:
+    """`torch.compile` of next_token, once per model, as one graph (fullgraph): CUDA graphs on CUDA, inductor
+    on the CPU. The batch and cache-length dimensions are symbolic (mark_for_compile), so another prompt
+    length or batch size runs compiled code already made (on CUDA, a new shape records a new CUDA graph).
+    NOTE: torch compiles a batch of 1 apart (it specializes sizes of 1), so batch sizes 1 -> 2 -> 1 compile
+    twice, then never again; a new sampling setting (temperature, top_k, top_p, repetition_penalty) also
+    compiles once more."""
+    if "_compiled_next_token" not in model.__dict__:
+        # NOTE: every model and setting compiles the one code object of next_token (torch keeps 8 by default)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        model.__dict__["_compiled_next_token"] = torch.compile(next_token, mode=mode, fullgraph=True)
+    return model.__dict__["_compiled_next_token"]
 
 
 def decode_loop(
-    first_logits, step, prompt_ids, prompt_mask, settings, pad_token_id, streamer=None, tokenizer=None
+    model, first_logits, d: Decoding, settings, prompt_ids, prompt_mask, streamer=None, compile=False
 ):
     """The decode loop every model shares: sample a token per row, stop rows at EOS, feed the tokens back.
-    first_logits (B, V) are the prefill's logits at each row's last prompt token; `step(tokens (B, 1), i)`
-    runs decode step i and returns the next logits (B, V); prompt_ids/prompt_mask (B, T) feed the repetition
-    penalty. Returns the new tokens (B, N), rows that finished early padded with pad_token_id. The only
-    host-device syncs: the streamer's read of each token, or else an all-finished check every 8 steps."""
+    first_logits (B, V) are the prefill's logits at each row's last prompt token; `d` holds the caches and
+    where the prompt ends (Decoding.begin); prompt_ids/prompt_mask (B, T) feed the repetition penalty.
+    Returns the new tokens (B, N), rows that finished early padded with model.pad_token_id.
+    Host reads: with a streamer, one per token, one step late (the step after it is launched first; the first
+    token at once); without one, an all-finished check every 8 steps, and only when there are EOS ids."""
     check_finite(first_logits)
     s, (B, V), device = settings, first_logits.shape, first_logits.device
-    generator = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
-    seen = None if s.repetition_penalty == 1.0 else tokens_seen(prompt_ids.to(device), prompt_mask, V)
     eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=device)
-    out = torch.full((B, s.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stream = None if streamer is None else TextStream(streamer, tokenizer)
-    logits = first_logits
-    for i in range(s.max_new_tokens):
-        token = sample(logits, seen, s.temperature, s.top_k, s.top_p, s.repetition_penalty, generator)
-        token = torch.where(finished, pad_token_id, token)  # (B,)
-        out[:, i] = token
-        finished |= torch.isin(token, eos)
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)  # (B, V)
-        if stream is not None:  # the one read per step: the streamer needs the token (one row)
-            if (t := int(token[0])) in s.eos_token_ids:
-                break
-            stream(t)
-        elif i % 8 == 7 and bool(finished.all()):
-            break
-        if i + 1 < s.max_new_tokens:
-            logits = step(token[:, None], i)  # (B, 1) -> (B, V)
+    d.key.copy_(noise_keys(s.seed, B))
+    if s.repetition_penalty == 1.0:
+        d.seen = None
+    else:  # kept with the rest when the shapes match
+        if d.seen is None or d.seen.shape != (B, V):
+            d.seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+            mark_for_compile(d)
+        d.seen.copy_(tokens_seen(prompt_ids.to(device), prompt_mask, V))
+    pad_id = model.pad_token_id
+    choose(d, first_logits, s, pad_id, eos)  # the first new token, from the prefill
+    step = compiled_next_token(model) if compile else next_token
+    read = None if streamer is None else LateRead(d.tokens)
+    stream = None if streamer is None else TextStream(streamer, model.tokenizer)
+
+    def show(token_id: int) -> bool:  # False at EOS
+        if token_id in s.eos_token_ids:
+            return False
+        stream(token_id)
+        return True
+
+    # With a streamer: token 0 is shown at once (nothing is queued behind it); then, for n = 2, 3, ..., token
+    # n-1 is copied, step n is launched, and token n-1 is shown while step n runs; token N-1 after the loop.
+    n, done = 1, False  # tokens sampled; an EOS shown or every row finished
+    if read is not None:
+        read.ask(d.first)
+        done = not show(read.get())
+    while n < s.max_new_tokens and not done:
+        if read is not None and n > 1:
+            read.ask(d.first + n - 1)  # token n-1, copied while step n runs
+        step(model.decode_step, d, s, pad_id, eos)
+        n += 1
+        if read is not None and n > 2:
+            done = not show(read.get())
+        elif read is None and len(eos) and n % 8 == 0:
+            done = bool(d.finished.all())
+    if read is not None and not done and n > 1:  # the last token
+        read.ask(d.first + n - 1)
+        show(read.get())
     if stream is not None:
         stream.flush()
-    return trim_finished(out[:, : i + 1], eos)
+    return trim_finished(d.tokens[:, d.first : d.first + n].clone(), eos)
+
+
+class LateRead:
+    """A token read one step late: `ask` copies it to the host without waiting (on CUDA: into pinned memory,
+    then an event), the next step is launched, and `get` waits only for the copy. So the GPU has the next
+    step queued while the host prints the last token."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, cuda = tokens, tokens.device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.long, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+
+    def ask(self, slot: int) -> None:
+        self.host.copy_(self.tokens[0, slot : slot + 1], non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+
+    def get(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host[0])
 
 
 def check_finite(logits: torch.Tensor) -> None:
@@ -641,18 +836,6 @@ def trim_finished(out: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     return out[:, : int(done_at.max()) + 1] if len(eos) and bool((done_at < N).all()) else out
 
 
-def compiled_decode_step(model: torch.nn.Module, caches: list[torch.nn.Module]):
-    """`torch.compile` of `model.decode_step`, once per model: CUDA graphs on CUDA, inductor on the CPU. NOTE:
-    static cache addresses let a CUDA graph use the caches where they are (it would copy, or refuse, them)."""
-    for cache in caches:
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
-    if "_compiled_decode_step" not in model.__dict__:
-        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        model.__dict__["_compiled_decode_step"] = torch.compile(model.decode_step, mode=mode)
-    return model.__dict__["_compiled_decode_step"]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A conversation that continues on the cache its earlier turns left
 
@@ -666,18 +849,22 @@ class Past:
     caches: list = field(default_factory=list)
     length: int = 0
     delta: int = 0
+    decoding: Decoding | None = None  # the decode state on these caches, kept with them
 
-    def room(self, need: int, new_caches: Callable[[int], list]) -> list:
-        """The caches, with at least `need` slots. NOTE: when they are too short, new ones of twice the length
-        (at least `need`, rounded up to 256) take over the filled slots: a long chat copies O(log n) times."""
+    def room(self, need: int, new_caches: Callable[[int], list]) -> Decoding:
+        """The Decoding on the caches, with at least `need` slots. NOTE: when they are too short, new ones of
+        twice the length (at least `need`, rounded up to 256) take over the filled slots: a long chat copies
+        O(log n) times."""
         have = self.caches[0].k.shape[2] if self.caches else 0
         if need > have:
             grown = new_caches(max(2 * have, -(-need // 256) * 256))
             for old, new in zip(self.caches, grown):  # (1, Hkv, S, Dh): the filled slots only
                 new.k[:, :, : self.length] = old.k[:, :, : self.length]
                 new.v[:, :, : self.length] = old.v[:, :, : self.length]
-            self.caches = grown
-        return self.caches
+            self.caches, self.decoding = grown, None
+        if self.decoding is None:
+            self.decoding = new_decoding(self.caches, 1, self.caches[0].k.shape[2])
+        return self.decoding
 
 
 class Chat:
@@ -699,7 +886,7 @@ class Chat:
         """Forget the conversation; the caches stay allocated for the next one."""
         self.messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.input_ids = torch.zeros(1, 0, dtype=torch.long)
-        self.past = Past(self.past.caches if hasattr(self, "past") else [])
+        self.past = Past(self.past.caches, decoding=self.past.decoding) if hasattr(self, "past") else Past()
 
     @torch.inference_mode()
     def ask(self, text: str, images=(), videos=(), streamer=None, **settings) -> str:
@@ -721,20 +908,14 @@ class Chat:
         }
         prompt = torch.cat([self.input_ids, new], 1)  # (1, T): the conversation, then this turn
         chunk = prompt[:, self.past.length :].to(device)  # what the cache lacks: the last answer's last token
-        fed, delta = 0, self.past.delta  # fed: decode steps run, the answer's tokens now in the cache
-
-        def counted(token, i):
-            nonlocal fed
-            fed = i + 1
-            return step(token, i)
-
+        delta = self.past.delta
         try:
-            first, step = self.model.extend(chunk, media, self.past, s.max_new_tokens)
-            rest = (s, self.model.pad_token_id, streamer, self.model.tokenizer)
-            out = decode_loop(first, counted, prompt, torch.ones_like(prompt), *rest)[0].cpu()
+            first, d = self.model.extend(chunk, media, self.past, s.max_new_tokens)
+            out = decode_loop(self.model, first, d, s, prompt, torch.ones_like(prompt), streamer)[0].cpu()
         except BaseException:  # refused or interrupted (Ctrl-C): the conversation stays as it was
             self.past.delta = delta
             raise
+        fed = int(d.slot) - d.first  # decode steps run: the answer's tokens now in the cache
         if len(out) and int(out[-1]) in s.eos_token_ids:
             out = out[:-1]  # the template's own end of turn comes with the next turn's text
         self.input_ids = torch.cat([prompt, out[None]], 1)

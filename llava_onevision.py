@@ -352,11 +352,11 @@ def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tupl
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1,
-    T, S). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
-    query length:
+    T, S), bool or additive (0 / -inf). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a
+    group are folded into the query length:
 
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
-        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times (T = 1: broadcast)
     """
     if mask is None:  # no padding: SDPA's fused kernels, which share the kv heads themselves. A prefill from
         # slot 0 is causal; one decoded token sees every filled slot (is_causal would align it top-left)
@@ -365,7 +365,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
+    mask = mask if T == 1 else mask.repeat(1, 1, G, 1)  # (B, 1, G*T, S); one query's row broadcasts
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, Dh)
     return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
@@ -613,27 +614,26 @@ class LlavaOnevision(nn.Module):
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
-        It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
-        generate(compile=True); nothing in it waits for the host."""
-        slots = torch.arange(keep.shape[1], device=keep.device)
-        mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
-        h = self.language_model(self.language_model.embed_tokens(token), pos, mask, caches, slot)
+        It attends over the whole cache: one additive mask, made here for every layer, hides the padding and
+        the slots after `slot`. Nothing in it waits for the host: generate(compile=True) compiles it with the
+        sampling (common.next_token)."""
+        x = self.language_model.embed_tokens(token)  # (B, 1, D)
+        visible = keep & (torch.arange(keep.shape[1], device=keep.device) <= slot)  # (B, S_max)
+        mask = torch.where(visible, 0.0, float("-inf")).to(x.dtype)[:, None, None]  # (B, 1, 1, S_max)
+        h = self.language_model(x, pos, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
 
     def extend(self, input_ids, media: dict, past: common.Past, max_new_tokens: int):
         """A conversation's next tokens (common.Chat), one row, prefilled at slot past.length on the caches
         the earlier turns filled; `media`: the new media's processor tensors; a token's position is its slot.
-        -> (the last token's logits (1, V), step(token, i) for common.decode_loop)."""
+        -> (the last token's logits (1, V), the Decoding for common.decode_loop)."""
         T, start = input_ids.shape[1], past.length
         common.check_context(start + T, max_new_tokens, self.cfg.text_config.max_position_embeddings)
         x = self.embed(input_ids, **media)
-        caches = past.room(start + T + max_new_tokens, lambda S: self.language_model.new_caches(1, S, x))
-        keep = torch.ones(1, caches[0].k.shape[2], dtype=torch.bool, device=x.device)  # no padding
+        d = past.room(start + T + max_new_tokens, lambda S: self.language_model.new_caches(1, S, x))
+        d.begin(start + T - 1, torch.tensor([start + T - 1], device=x.device))  # no padding
         pos = torch.arange(start, start + T, device=x.device)[None]  # (1, T)
-        first = self.prefill(x, pos, causal_padding_mask(keep[:, : start + T], T, start), caches, start)
-        n = torch.full((1,), start + T, device=x.device)
-        step = lambda token, i: self.decode_step(token, (n + i)[None], n + i, keep, caches)
-        return first, step
+        return self.prefill(x, pos, causal_padding_mask(d.keep[:, : start + T], T, start), d.caches, start), d
 
     @torch.inference_mode()
     def generate(
@@ -654,18 +654,14 @@ class LlavaOnevision(nn.Module):
         attention_mask = common.check_generate_inputs(input_ids, attention_mask, settings, streamer, limit)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_sizes, batch_num_images, pixel_values_videos)
-        # 3. prefill: the whole prompt into a static cache
+        # 3. prefill: the whole prompt into the static caches (the last call's, when the shapes match)
         (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
-        caches = self.language_model.new_caches(B, S_max, x)
-        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
+        d = common.kept_decoding(self, B, S_max, x, lambda: self.language_model.new_caches(B, S_max, x))
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-        first = self.prefill(x, pos, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
+        d.begin(T - 1, pos[:, -1], attention_mask.bool())  # the last prompt token
+        first = self.prefill(x, pos, causal_padding_mask(d.keep[:, :T], T), d.caches)  # (B, V)
         # 4. decode, one token per step; position and slot are tensors, so a compiled step never recompiles
-        n_real, next_slot = attention_mask.sum(1, keepdim=True), torch.full((1,), T, device=x.device)
-        decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-        step = lambda token, i: decode_step(token, n_real + i, next_slot + i, keep, caches)
-        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode_loop(first, step, *args)
+        return common.decode_loop(self, first, d, settings, input_ids, attention_mask, streamer, compile)
 
 
 # ==========================================================================================================

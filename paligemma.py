@@ -285,11 +285,11 @@ def rope_cos_sin(pos: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tupl
 
 def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
     """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1, T,
-    S) bool. Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
-    query length:
+    S) bool, or additive (0 / -inf) as a decode step makes it. Query heads h = j*G .. j*G+G-1 share kv head j,
+    so the G heads of a group are folded into the query length:
 
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
-        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times (T = 1: broadcast)
 
     Gemma: one fused SDPA call. Gemma2 soft-caps the scores (cap * tanh(s / cap)) BEFORE the mask, which no
     SDPA kernel can do, so only then the same maths is written out (softmax in float32, as the reference).
@@ -300,14 +300,14 @@ def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
-    mask = None if mask is None else mask.repeat(1, 1, G, 1)  # (B, 1, G*T, S)
+    mask = mask if mask is None or T == 1 else mask.repeat(1, 1, G, 1)  # (B, 1, G*T, S); T = 1: broadcast
     if softcap is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
         scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
         scores = softcap * torch.tanh(scores / softcap)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:  # bool, or additive (0 / -inf) as a decode step makes it
+            scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
         y = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
     return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
@@ -545,13 +545,19 @@ class PaliGemma(nn.Module):
     def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
         """One new token per row, with the same shapes at every step: token (B, 1), its position `pos`, the
         cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots -> logits (B, V).
-        It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
-        generate(compile=True); nothing in it waits for the host."""
+        It attends over the whole cache: additive masks (0 / -inf), made here once for every layer, hide the
+        padding and the slots after `slot`. Nothing in it waits for the host: generate(compile=True) compiles
+        it with the sampling (common.next_token)."""
         slots, w = torch.arange(keep.shape[1], device=keep.device), self.cfg.text_config.window
+        x = self.language_model.embed(token)  # (B, 1, D)
         # A generated token is causal (outside the prefix block) and never sees padding.
-        mask = (keep & (slots <= slot))[:, None, None]  # (B, 1, 1, S_max)
-        window_mask = None if w is None else mask & in_window(slot, slots, w)  # (B, 1, 1, S_max)
-        h = self.language_model(self.language_model.embed(token), pos, (mask, window_mask), caches, slot)
+        visible = keep & (slots <= slot)  # (B, S_max)
+        window = None if w is None else visible & in_window(slot, slots, w)  # (B, S_max)
+        mask, window_mask = (
+            None if m is None else torch.where(m, 0.0, float("-inf")).to(x.dtype)[:, None, None]
+            for m in (visible, window)
+        )  # (B, 1, 1, S_max)
+        h = self.language_model(x, pos, (mask, window_mask), caches, slot)
         return self.logits(h[:, -1])  # (B, V)
 
     @torch.inference_mode()
@@ -576,18 +582,16 @@ class PaliGemma(nn.Module):
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_features)
         # 3. prefill: the whole prompt into a static cache, the prefix block (token type 0) seeing itself
+        # (the last call's caches, when the shapes match)
         (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
-        caches = self.language_model.new_caches(B, S_max, x)
-        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
-        prefix = torch.ones_like(keep[:, :T]) if token_type_ids is None else token_type_ids == 0  # (B, T)
+        d = common.kept_decoding(self, B, S_max, x, lambda: self.language_model.new_caches(B, S_max, x))
         pos = attention_mask.long().cumsum(-1)  # (B, T). NOTE: 1-based, the first real token at 1
-        first = self.prefill(x, pos, self.masks(keep[:, :T], prefix, T), caches)  # (B, V)
+        d.begin(T - 1, pos[:, -1], attention_mask.bool())  # the last prompt token
+        keep = d.keep[:, :T]  # (B, T): real tokens
+        prefix = torch.ones_like(keep) if token_type_ids is None else token_type_ids == 0  # (B, T)
+        first = self.prefill(x, pos, self.masks(keep, prefix, T), d.caches)  # (B, V)
         # 4. decode: causal tokens after the prefix; position and slot are tensors, so no recompiles
-        n_real, next_slot = attention_mask.sum(1, keepdim=True), torch.full((1,), T, device=x.device)
-        decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-        step = lambda token, i: decode_step(token, n_real + i + 1, next_slot + i, keep, caches)  # 1-based
-        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode_loop(first, step, *args)
+        return common.decode_loop(self, first, d, settings, input_ids, attention_mask, streamer, compile)
 
 
 class Chat:

@@ -350,11 +350,11 @@ def mrope_cos_sin(
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Grouped-query attention without copying the cache. q (B, H, T, Dh), k/v (B, Hkv, S, Dh), mask (B, 1,
-    T, S). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a group are folded into the
-    query length:
+    T, S), bool or additive (0 / -inf). Query heads h = j*G .. j*G+G-1 share kv head j, so the G heads of a
+    group are folded into the query length:
 
         q (B, H, T, Dh) -> (B, Hkv, G*T, Dh)      rows g*T + t  <->  head j*G + g, token t
-        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times
+        mask (B, 1, T, S) -> (B, 1, G*T, S)       the same T rows repeated G times (T = 1: broadcast)
     """
     if mask is None:  # no padding: SDPA's fused kernels, which share the kv heads themselves. A prefill from
         # slot 0 is causal; one decoded token sees every filled slot (is_causal would align it top-left)
@@ -363,7 +363,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     B, H, T, Dh = q.shape
     G = H // k.shape[1]
     q = q.reshape(B, -1, G * T, Dh)  # (B, Hkv, G*T, Dh): the G query heads of a kv head, one after another
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, Hkv, G*T, Dh)
+    mask = mask if T == 1 else mask.repeat(1, 1, G, 1)  # (B, 1, G*T, S); one query's row broadcasts
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, Dh)
     return y.view(B, H, T, Dh)  # (B, H, T, Dh): the groups unfolded back into heads
 
 
@@ -591,20 +592,22 @@ class Qwen2VL(nn.Module):
         h = self.model(x, pos3, mask, caches, slot)
         return self.lm_head(h[:, -1])  # (B, V)
 
-    def decode_step(self, token, pos3, slot, keep, caches: list[KVCache]) -> torch.Tensor:
-        """One new token per row, with the same shapes at every step: token (B, 1), its positions pos3
-        (3, B, 1), the cache slot it is written to (a (1,) tensor), keep (B, S_max) the non-padding slots ->
-        logits (B, V). It attends over the whole cache; the mask hides the slots after `slot`. Compiled by
-        generate(compile=True); nothing in it waits for the host."""
-        slots = torch.arange(keep.shape[1], device=keep.device)
-        mask = (keep & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S_max)
-        h = self.model(self.model.embed_tokens(token), pos3, mask, caches, slot)
+    def decode_step(self, token, pos, slot, keep, caches: list[KVCache]) -> torch.Tensor:
+        """One new token per row, with the same shapes at every step: token (B, 1) at position pos (B, 1) on
+        all three M-RoPE axes, written to the cache slot `slot` (a (1,) tensor); keep (B, S_max) the
+        non-padding slots -> logits (B, V). It attends over the whole cache: one additive mask, made here for
+        every layer, hides the padding and the slots after `slot`. Nothing in it waits for the host:
+        generate(compile=True) compiles it with the sampling (common.next_token)."""
+        x = self.model.embed_tokens(token)  # (B, 1, D)
+        visible = keep & (torch.arange(keep.shape[1], device=keep.device) <= slot)  # (B, S_max)
+        mask = torch.where(visible, 0.0, float("-inf")).to(x.dtype)[:, None, None]  # (B, 1, 1, S_max)
+        h = self.model(x, pos.expand(3, -1, -1), mask, caches, slot)  # pos: (B, 1) -> (3, B, 1)
         return self.lm_head(h[:, -1])  # (B, V)
 
     def extend(self, input_ids, media: dict, past: common.Past, max_new_tokens: int):
         """A conversation's next tokens (common.Chat), one row without padding, prefilled at slot past.length
         on top of what the earlier turns left in the caches; `media`: the new images' and videos' processor
-        tensors. -> (the last token's logits (1, V), step(token, i) for common.decode_loop). NOTE: the
+        tensors. -> (the last token's logits (1, V), the Decoding for common.decode_loop). NOTE: the
         M-RoPE positions go on from the last one: the chunk's own, from 0, plus slot + past.delta, so an
         image in a later turn gets its 3-D block where the text left off."""
         T, start = input_ids.shape[1], past.length
@@ -615,15 +618,11 @@ class Qwen2VL(nn.Module):
             int(pos3.max()) + 1, max_new_tokens, self.cfg.text_config.max_position_embeddings
         )
         x = self.embed(input_ids, **media)
-        caches = past.room(start + T + max_new_tokens, lambda S: self.model.new_caches(1, S, x))
-        keep = torch.ones(1, caches[0].k.shape[2], dtype=torch.bool, device=x.device)  # no padding
-        first = self.prefill(x, pos3, causal_padding_mask(keep[:, : start + T], T, start), caches, start)
+        d = past.room(start + T + max_new_tokens, lambda S: self.model.new_caches(1, S, x))
+        d.begin(start + T - 1, torch.tensor([start + T - 1 + past.delta + int(delta)], device=x.device))
+        first = self.prefill(x, pos3, causal_padding_mask(d.keep[:, : start + T], T, start), d.caches, start)
         past.delta += int(delta)
-        n, d = torch.full((1,), start + T, device=x.device), past.delta
-        step = lambda token, i: self.decode_step(
-            token, (n + i + d).view(1, 1, 1).expand(3, 1, 1), n + i, keep, caches
-        )
-        return first, step
+        return first, d
 
     @torch.inference_mode()
     def generate(
@@ -647,19 +646,14 @@ class Qwen2VL(nn.Module):
         common.check_context(n_pos, max_new_tokens, self.cfg.text_config.max_position_embeddings)
         # 2. vision features, written over the placeholders
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        # 3. prefill: the whole prompt into a static cache
+        # 3. prefill: the whole prompt into the static caches (the last call's, when the shapes match)
         (B, T), S_max = input_ids.shape, common.cache_length(input_ids.shape[1], max_new_tokens)
-        caches = self.model.new_caches(B, S_max, x)
-        keep = F.pad(attention_mask.bool(), (0, S_max - T), value=True)  # (B, S_max): real tokens, new slots
-        first = self.prefill(x, pos3, causal_padding_mask(keep[:, :T], T), caches)  # (B, V)
-        # 4. decode. NOTE: position = index + rope_delta on all 3 axes; slot and position are tensors, so a
-        # compiled step never recompiles
-        n_real, next_slot = attention_mask.sum(1), torch.full((1,), T, device=x.device)
-        decode_step = common.compiled_decode_step(self, caches) if compile else self.decode_step
-        pos3_of = lambda i: (n_real + i + delta).view(1, B, 1).expand(3, B, 1)  # (3, B, 1)
-        step = lambda token, i: decode_step(token, pos3_of(i), next_slot + i, keep, caches)
-        args = (input_ids, attention_mask, settings, self.pad_token_id, streamer, self.tokenizer)
-        return common.decode_loop(first, step, *args)
+        d = common.kept_decoding(self, B, S_max, x, lambda: self.model.new_caches(B, S_max, x))
+        d.begin(T - 1, attention_mask.sum(1) + delta - 1, attention_mask.bool())  # the last prompt token
+        first = self.prefill(x, pos3, causal_padding_mask(d.keep[:, :T], T), d.caches)  # (B, V)
+        # 4. decode. NOTE: a new token's position is its index + rope_delta on all 3 axes; position and slot
+        # are tensors that each step moves on, so a compiled step never recompiles
+        return common.decode_loop(self, first, d, settings, input_ids, attention_mask, streamer, compile)
 
 
 # ==========================================================================================================

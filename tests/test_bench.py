@@ -32,6 +32,8 @@ def test_bench_all_on_the_cpu(tmp_path):
         assert re.fullmatch(rf"{number}( / {number} \({number}x\))?", r[3]), r  # tok/s, batch 1
         assert re.fullmatch(rf"{number}( / {number})? ms( \({number}\))?", r[5]), r  # time to first token
         assert (r[8].strip(" |") == "-") == (r[1] in ("eager", "compiled")), r  # quantized: vs ours bf16
+        assert re.fullmatch(rf"{number} / {number}", r[9]), r  # ours' step in steady state, ms
+        assert (r[10].strip(" |") == "-") == (r[1] == "eager"), r  # compile seconds when compiled
     assert all(" / " in r[3] for r in rows if r[0] != "| paligemma2"), "transformers ran for the others"
 
 
@@ -39,3 +41,26 @@ def test_speed_md_shows_the_bench_all_table_format():
     speed = (ROOT / "SPEED.md").read_text()
     assert "\n".join(bench.table_head(8)) in speed
     assert "python bench.py --all --device cuda" in speed
+
+
+def test_gpu_decode_script_runs_on_the_cpu(tmp_path):
+    """.gpu/decode_ab.py, the prepared GPU measurement, end to end with a tiny model on the CPU: every section
+    gives figures (the CUDA-only ones say they did not run)."""
+    import json
+
+    script = ROOT / ".gpu" / "decode_ab.py"
+    prepared = subprocess.run([sys.executable, str(script), "--prepare"], cwd=ROOT, capture_output=True)
+    command = [sys.executable, str(script), "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["env"]["cuda"] == "not run (CPU)" and results["floor"]["cuda_graph"] == "not run (CPU)"
+    variants = results["variants"]
+    assert set(variants) == {"new", "-sampling", "-mask", "gqa", "-caches", "-dynamic", "coordinate"}
+    for name, figures in variants.items():
+        assert figures["b1"]["steady_ms_per_step"] > 0 and figures["b2"]["generate_ms_per_token"] > 0, name
+    assert variants["new"]["graphs_for_another_length"] == 0  # symbolic cache length: no new graph
+    assert variants["-dynamic"]["graphs_for_another_length"] == 1
+    assert results["profile"]["per_step"] > 0
+    if prepared.returncode == 0:  # git history here: the step before the rework was measured too
+        assert results["old"]["b1"]["generate_ms_per_token"] > 0

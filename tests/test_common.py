@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -126,17 +127,46 @@ def test_pad_batch():
         common.pad_batch([[1]], 0, side="middle")
 
 
+def draws(logits, n, **settings) -> set[int]:
+    """The tokens `n` draws pick, each with its own noise key."""
+    return {common.sample(logits, key=torch.tensor([k]), **settings).item() for k in range(n)}
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     assert common.sample(logits).item() == 0
-    g = torch.Generator().manual_seed(0)
-    draws = {common.sample(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(300)}
-    assert draws == {0, 1}
+    assert draws(logits, 300, temperature=1.0, top_k=2) == {0, 1}
     # softmax([3, 2, 1, 0, -1]) = [.636, .234, .086, .032, .012]: top_p=0.8 keeps {0, 1} (0.636 < 0.8 <= 0.87)
-    draws = {common.sample(logits, temperature=1.0, top_p=0.8, generator=g).item() for _ in range(300)}
-    assert draws == {0, 1}
-    draws = {common.sample(logits, temperature=1.0, top_p=0.5, generator=g).item() for _ in range(50)}
-    assert draws == {0}
+    assert draws(logits, 300, temperature=1.0, top_p=0.8) == {0, 1}
+    assert draws(logits, 50, temperature=1.0, top_p=0.5) == {0}
+    assert draws(logits, 300, temperature=1.0) == {0, 1, 2, 3, 4}
+
+
+def test_sampling_draws_from_the_distribution():
+    """argmax(p / E) with E ~ Exp(1) from the keyed noise picks token j with probability p_j."""
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]])
+    p = logits.softmax(-1)[0]
+    keys = torch.arange(20000)
+    picks = common.sample(logits.expand(len(keys), -1), temperature=1.0, key=keys)
+    share = torch.bincount(picks, minlength=4) / len(keys)
+    assert (share - p).abs().max() < 0.015, (share, p)  # 4 standard errors at p = 0.5
+
+
+def test_noise_is_a_function_of_key_and_column():
+    a, b = (common.exponential_noise(torch.tensor(keys), 1000) for keys in ([7, 8], [7]))
+    assert torch.equal(a[:1], b) and not torch.equal(a[0], a[1])
+    assert bool((a > 0).all()) and abs(float(a.mean()) - 1.0) < 0.1  # Exp(1) has mean 1
+    assert torch.equal(common.noise_keys(5, 3), common.noise_keys(5, 3))
+    assert not torch.equal(common.noise_keys(5, 3), common.noise_keys(6, 3))
+
+
+def test_top_p_looks_only_at_the_candidates():
+    """top-p over a near-flat distribution: more than TOP_P_CANDIDATES tokens would be needed to reach it, so
+    the candidates are all kept, and nothing beyond them."""
+    V = 3 * common.TOP_P_CANDIDATES
+    logits = -1e-4 * torch.arange(V, dtype=torch.float)[None]  # token 0 the most likely, by a hair
+    picks = draws(logits, 200, temperature=1.0, top_p=0.9)
+    assert max(picks) < common.TOP_P_CANDIDATES and len(picks) > 150
 
 
 def test_repetition_penalty():
@@ -148,20 +178,37 @@ def test_repetition_penalty():
     assert common.sample(logits, seen, repetition_penalty=2.0).item() == 3  # -1.0 -> -2.0 loses to -1.5
 
 
+class Scripted:
+    """A stand-in model whose decode step returns one-hot logits of a scripted token per row."""
+
+    pad_token_id, tokenizer, T = 0, None, 3
+
+    def __init__(self, script):
+        self.script = script
+
+    def onehot(self, col):
+        return torch.nn.functional.one_hot(self.script[:, col], 6).float()
+
+    def decode_step(self, token, pos, slot, keep, caches):
+        return self.onehot(int(slot) - self.T + 1)  # slot T + i holds new token i: logits for token i + 1
+
+
+def scripted_decode(script, settings):
+    model, (B, N) = Scripted(script), script.shape
+    S = Scripted.T + N
+    caches = [types.SimpleNamespace(k=torch.zeros(B, 1, S, 1), v=torch.zeros(B, 1, S, 1))]
+    d = common.new_decoding(caches, B, S)
+    d.begin(Scripted.T - 1, torch.full((B,), Scripted.T - 1))
+    prompt = (torch.ones(B, Scripted.T, dtype=torch.long), torch.ones(B, Scripted.T))
+    return common.decode_loop(model, model.onehot(0), d, settings, *prompt)
+
+
 def test_decode_loop_stops_rows_and_pads():
     """Rows that reach EOS are padded from there on; the columns after every row has finished are cut."""
-    V, eos, pad = 6, 5, 0
     script = torch.tensor([[1, 2, 5, 3, 3, 3, 3, 3, 3, 3], [2, 2, 2, 2, 5, 1, 1, 1, 1, 1]])
-    prompt = (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
-
-    def onehot(col):
-        return torch.nn.functional.one_hot(script[:, col], V).float()
-
-    settings = common.GenerationSettings(max_new_tokens=10, eos_token_ids=eos)
-    out = common.decode_loop(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
+    out = scripted_decode(script, common.GenerationSettings(max_new_tokens=10, eos_token_ids=5))
     assert out.tolist() == [[1, 2, 5, 0, 0], [2, 2, 2, 2, 5]]
-    settings = common.GenerationSettings(max_new_tokens=4, eos_token_ids=[])
-    out = common.decode_loop(onehot(0), lambda tok, i: onehot(i + 1), *prompt, settings, pad)
+    out = scripted_decode(script, common.GenerationSettings(max_new_tokens=4, eos_token_ids=[]))
     assert out.tolist() == script[:, :4].tolist()
 
 

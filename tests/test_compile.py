@@ -11,6 +11,8 @@ import tiny
 import torch
 from conftest import ROOT
 
+import common
+
 FILES = ["qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm"]
 KINDS = {  # decoder kind -> (model file, builder options)
     "qwen2-mrope": ("qwen2_vl", {}),
@@ -174,3 +176,135 @@ def test_cli_on_cuda(file, built, tmp_path):
     summary = json.loads(run.stderr.strip().splitlines()[-1])
     assert summary["device"].startswith("cuda") and summary["dtype"] == "bfloat16"
     assert summary["compile_s"] is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compiled token: caches kept, what runs outside it, recompiles, host reads
+
+
+class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operations that run while it is on (by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+HOST_READS = ("_local_scalar_dense", "item", "is_nonzero")
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=0)
+
+
+def ops_of(model, inputs, n, **settings) -> list[str]:
+    """The aten operations of one generate() of n tokens outside the compiled token (which runs with the
+    counter off: what it does is inside the graph)."""
+    with Ops() as ops:
+        model.generate(**inputs, max_new_tokens=n, eos_token_ids=[], compile=True, **settings)
+    return ops.names
+
+
+@pytest.fixture(scope="module")
+def qwen(built):
+    import qwen2_vl
+
+    model, proc = qwen2_vl.load(built("qwen2_vl"), device="cpu")
+    compiled = common.compiled_next_token(model)
+
+    def uncounted(*args):  # the compiled token runs with the counter off
+        with torch.utils._python_dispatch._disable_current_modes():
+            return compiled(*args)
+
+    model.__dict__["_compiled_next_token"] = uncounted
+    return model, proc
+
+
+@pytest.mark.parametrize("settings", [{}, SAMPLED], ids=["greedy", "top-k+top-p+penalty"])
+def test_at_most_two_operations_per_token_outside_the_compiled_token(qwen, settings):
+    model, proc = qwen
+    inputs = proc(text="hello there")
+    ops_of(model, inputs, 4, **settings)  # compiles
+    short, long = ops_of(model, inputs, 8, **settings), ops_of(model, inputs, 16, **settings)
+    extra = [op for op in long if long.count(op) > short.count(op)]
+    per_token = (len(long) - len(short)) / 8
+    assert per_token <= 2, f"{per_token} operations per token outside the compiled token: {set(extra)}"
+    reads = [op for op in long if op.startswith(HOST_READS)]
+    assert len(reads) == len([op for op in short if op.startswith(HOST_READS)]), "a host read per token"
+
+
+def test_no_sort_over_the_vocabulary(built):
+    """Eager decoding runs the same token function as the compiled one: no sort anywhere in it."""
+    import qwen2_vl
+
+    model, proc = qwen2_vl.load(built("qwen2_vl"), device="cpu")
+    with Ops() as ops:
+        model.generate(**proc(text="hello there"), max_new_tokens=6, eos_token_ids=[], **SAMPLED)
+    assert "topk.default" in ops.names and not [op for op in ops.names if "sort" in op]
+
+
+def test_second_generate_reuses_the_caches(built):
+    import qwen2_vl
+
+    model, proc = qwen2_vl.load(built("qwen2_vl"), device="cpu")
+    inputs = proc(text="hello there")
+    first = model.generate(**inputs, max_new_tokens=6, eos_token_ids=[])
+    d = model._decoding
+    storage = [c.k.untyped_storage().data_ptr() for c in d.caches] + [d.tokens.data_ptr()]
+    assert torch.equal(first, model.generate(**inputs, max_new_tokens=6, eos_token_ids=[]))
+    assert model._decoding is d
+    assert storage == [c.k.untyped_storage().data_ptr() for c in d.caches] + [d.tokens.data_ptr()]
+    model.generate(**proc(text=["hello there", "hi"]), max_new_tokens=6, eos_token_ids=[])
+    assert model._decoding is not d and model._decoding.keep.shape[0] == 2  # another batch size: new ones
+
+
+def test_recompiles_only_once_for_a_batch_of_one(built):
+    """Prompt lengths within a cache bucket and across buckets, batch sizes 1 -> 2 -> 1 -> 3: torch compiles
+    the token twice (a batch of 1, and any other batch: it specializes sizes of 1), then never again."""
+    from torch._dynamo.utils import counters
+
+    import qwen2_vl
+
+    model, proc = qwen2_vl.load(built("qwen2_vl"), device="cpu")
+    torch._dynamo.reset()  # what other tests compiled (for any model of the same kind) would serve this one
+    graphs = []
+    for texts in (["hi"], ["hello there"], ["a prompt long enough for the next cache bucket " * 2]):
+        model.generate(**proc(text=texts), max_new_tokens=5, eos_token_ids=[], compile=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    for n in (2, 1, 3, 2):
+        batch = proc(text=["hi", "a longer one", "and a third prompt"][:n])
+        model.generate(**batch, max_new_tokens=5, eos_token_ids=[], compile=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert [g - graphs[0] for g in graphs] == [0, 0, 0, 1, 1, 1, 1], graphs
+
+
+def test_streaming_reads_one_token_per_step(qwen):
+    """With a streamer: one host read per token (late, after the next step is launched); the text streamed is
+    the answer."""
+    model, proc = qwen
+    inputs, pieces = proc(text="hello there"), []
+    kw = dict(eos_token_ids=[], compile=True, streamer=pieces.append)
+    model.generate(**inputs, max_new_tokens=4, **kw)
+    with Ops() as short:
+        model.generate(**inputs, max_new_tokens=8, **kw)
+    pieces.clear()
+    with Ops() as long:
+        out = model.generate(**inputs, max_new_tokens=16, **kw)
+    reads = [len([op for op in ops.names if op.startswith(HOST_READS)]) for ops in (short, long)]
+    assert reads[1] - reads[0] == 8  # one per token
+    assert "".join(pieces) == model.tokenizer.decode(out[0])
+
+
+@pytest.mark.parametrize("kind", ["qwen2-mrope", "gemma2-window"])
+def test_seeded_sampling_compiled_equals_eager(kind, built):
+    """The compiled token samples with the eager maths and the same keyed noise (common.sample): with a seed,
+    the same tokens, for a padded batch; another seed, other tokens."""
+    file, options = KINDS[kind]
+    m = importlib.import_module(file)
+    model, proc = m.load(built(file, **options), device="cpu")
+    inputs = two_rows(file, proc)
+    kw = dict(max_new_tokens=12, eos_token_ids=[], **SAMPLED)
+    eager = model.generate(**inputs, **kw)
+    assert torch.equal(eager, model.generate(**inputs, **kw, compile=True))
+    assert not torch.equal(eager, model.generate(**inputs, **(kw | dict(seed=1))))

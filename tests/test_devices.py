@@ -84,6 +84,8 @@ class Simulated(TorchDispatchMode):
         if asked is not None:
             kwargs["device"] = torch.device("cpu")
         to_device = torch.device(asked).type == DEVICE.type if asked is not None else bool(held)
+        if name.startswith("copy_") and not isinstance(args[0], OnDevice):  # into a host tensor
+            to_device = False
         if held and (name.startswith(READS) or (copy and not to_device)):
             self.syncs.append(name)
         args, kwargs = tree_map(lambda t: t.values if isinstance(t, OnDevice) else t, (args, kwargs))
@@ -248,18 +250,21 @@ def test_decode_step_never_syncs(file, loaded, monkeypatch):
     assert per_step == [0] * 5
 
 
-def syncs_of(model, inputs, n, **kwargs) -> list[str]:
+def syncs_of(model, inputs, n, eos=(), **kwargs) -> list[str]:
     with simulated(model) as mode:
-        model.generate(**on_device(inputs), max_new_tokens=n, eos_token_ids=[], **kwargs)
+        model.generate(**on_device(inputs), max_new_tokens=n, eos_token_ids=list(eos), **kwargs)
     return mode.syncs
 
 
 @pytest.mark.parametrize("file", CONFIGS)
 def test_decode_loop_syncs_once_per_8_steps_or_per_streamed_token(file, loaded):
-    """Eight more steps cost one sync without a streamer (the check that every row has finished, so that
-    generation can stop early) and eight with one (the token it prints, one read each)."""
+    """Eight more steps cost no sync without a streamer and EOS ids, one with EOS ids (the check that every
+    row has finished, so that generation can stop early) and eight with a streamer (the token it prints, one
+    read each)."""
     model, proc = loaded(file)
     inputs = prompts(file, proc, 1)
-    assert len(syncs_of(model, inputs, 17)) - len(syncs_of(model, inputs, 9)) == 1
+    assert len(syncs_of(model, inputs, 17)) == len(syncs_of(model, inputs, 9))
+    never = [10**6]  # an EOS id no row samples
+    assert len(syncs_of(model, inputs, 17, never)) - len(syncs_of(model, inputs, 9, never)) == 1
     stream = dict(streamer=lambda text: None)
     assert len(syncs_of(model, inputs, 17, **stream)) - len(syncs_of(model, inputs, 9, **stream)) == 8

@@ -1,0 +1,438 @@
+#!/usr/bin/env python
+"""The compiled decode step of qwen2_vl.py, A/B, in one call on one GPU (not part of the tests).
+
+Qwen2-VL-2B's published configuration (tests/data) with random weights, bf16 on CUDA, a text prompt of
+--prompt tokens; ms per token at batch 1 and --batch for:
+  new          the step as it is: caches kept, sampling in the compiled token, symbolic batch and length,
+               one additive mask per step (common.next_token, compiled whole)
+  old          the step before this rework (commit OLD_REV, its files under .gpu/old: see below)
+  -caches      new, but a fresh Decoding (caches and state) in every generate(): new addresses each call
+  -sampling    new, but only the decode step compiled; sampling and bookkeeping run eagerly after it
+  -dynamic     new, but no dimension marked dynamic: every batch size and cache length compiles again
+  -mask        new, but each layer repeats a bool mask over the query groups (as before this rework)
+  gqa          new, with the decode attention as SDPA(enable_gqa=True) over the heads, no group fold
+  coordinate   new, with inductor's coordinate_descent_tuning
+Each "-" variant is the new step less one change (leave-one-out), so its distance to "new" is what that
+change is worth with the others in place. Figures per variant and batch: ms per token from generate() (the
+difference of an N-token and a 2-token call, over N - 2), ms per step in steady state (the compiled token
+replayed N - 1 times on the kept tensors, one sync), the first call's seconds (the compile), graphs compiled.
+Then a kernel profile of the new step (kernels per step by kind, the top kernels) and the CUDA-graph floor.
+
+On the GPU machine (torch only; no transformers, no checkpoint, no network), from the project's root:
+    python .gpu/decode_ab.py --out "$OUT"                      # about 6-8 min on an H200, stops at --deadline
+Before it, here (the machine has no git history): python .gpu/decode_ab.py --prepare, then carry .gpu/old.
+On the CPU, a tiny model, every section (CUDA paths are marked as not run); or bench.py's "small" decoder:
+    python .gpu/decode_ab.py --device cpu --tiny --out /tmp/ab
+    python .gpu/decode_ab.py --device cpu --size small --prompt 176 --batch 8 --deadline 100000 --out /tmp/ab
+Results: OUT/results.json (after every section, so a run cut short keeps what it finished) and OUT/log.txt.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OLD_REV = "5b5ee37"  # the last commit with the decode step before the rework
+CONFIG = ROOT / "tests/data/qwen2_vl/Qwen2-VL-2B-Instruct.config.json"
+VARIANTS = ["new", "-sampling", "-mask", "gqa", "-caches", "-dynamic", "coordinate"]
+SIZES = {  # text width, layers, heads, kv heads, FFN, vocabulary (the vision tower, unused, at its smallest)
+    "tiny": (64, 2, 4, 2, 128, 4096),
+    "small": (640, 10, 10, 2, 2048, 32000),  # bench.py's "small" decoder, a smaller vocabulary
+}
+T0 = time.perf_counter()
+RESULTS: dict = {}
+A = argparse.Namespace()
+
+
+def log(*parts) -> None:
+    line = f"[{time.perf_counter() - T0:6.1f}s] " + " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    with open(Path(A.out) / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def save() -> None:
+    (Path(A.out) / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def sync() -> None:
+    if A.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def now() -> float:
+    sync()
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: the published configuration, random weights
+
+
+def build(qwen2_vl):
+    d = json.loads(CONFIG.read_text())
+    if A.size != "real":
+        D, layers, H, Hkv, ffn, vocab = SIZES[A.size]
+        d.update(hidden_size=D, num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=Hkv)
+        d.update(intermediate_size=ffn, vocab_size=vocab)
+        d["vision_config"] = {
+            **d["vision_config"],
+            "depth": 1,
+            "embed_dim": 32,
+            "num_heads": 2,
+            "hidden_size": D,
+        }
+        q = D // H // 16  # the published [16, 24, 24] split of head_dim / 2, scaled
+        d["rope_scaling"] = {"type": "mrope", "mrope_section": [2 * q, 3 * q, 3 * q]}
+    cfg = qwen2_vl.config_from_hf(d)
+    torch.manual_seed(0)
+    with torch.device(A.device):
+        model = qwen2_vl.Qwen2VL(cfg)
+    for p in model.parameters():  # small weights: finite logits in bf16
+        torch.nn.init.normal_(p, std=0.02)
+    return model.to(dtype=torch.bfloat16 if A.device == "cuda" else torch.float32).eval(), cfg
+
+
+def prompt(cfg, B: int) -> dict:
+    g = torch.Generator().manual_seed(B)
+    ids = torch.randint(0, min(cfg.text_config.vocab_size, 150000), (B, A.prompt), generator=g)
+    return dict(input_ids=ids.to(A.device), attention_mask=torch.ones_like(ids).to(A.device))
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def cudagraph_skips() -> int:
+    """Compiled graphs that CUDA graphs refused (inductor then runs them without: each kernel launched)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
+    """One variant at batch B: the first call (compiles), ms/token from generate(), ms/step replayed."""
+    data, N = prompt(cfg, B), A.new_tokens
+    run = lambda n: model.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)  # noqa: E731
+    before, skips, t = graphs(), cudagraph_skips(), now()
+    tokens = run(N)
+    first_s = now() - t
+
+    def seconds(n):
+        times = []
+        for _ in range(A.repeats):
+            t = now()
+            run(n)
+            times.append(now() - t)
+        return statistics.median(times)
+
+    out = dict(first_call_s=round(first_s, 2), graphs_compiled=graphs() - before, tokens=tokens[0].tolist())
+    out["cudagraph_skips"] = cudagraph_skips() - skips if A.device == "cuda" else "not run (CPU)"
+    out["generate_ms_per_token"] = round((seconds(N) - seconds(2)) / (N - 2) * 1e3, 4)
+    if steady:  # the compiled token replayed on the kept tensors (as bench.py's step_ms)
+        step = common.compiled_next_token(model)
+        s = common.GenerationSettings(max_new_tokens=N, eos_token_ids=[])
+        eos = torch.tensor([], dtype=torch.long, device=A.device)
+        times = []
+        for _ in range(A.repeats):
+            run(N)
+            d = model._decoding  # (the -caches variant makes a new one in every call)
+            d.slot.sub_(N - 1), d.pos.sub_(N - 1)
+            t = now()
+            for _ in range(N - 1):
+                step(model.decode_step, d, s, model.pad_token_id, eos)
+            times.append((now() - t) / (N - 1) * 1e3)
+        out["steady_ms_per_step"] = round(statistics.median(times), 4)
+    return out
+
+
+def fresh(model) -> None:
+    """Forget compiled code and kept tensors: the next call compiles from scratch."""
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_next_token", None)
+    model.__dict__.pop("_decoding", None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variants: the new step less one change, or with one setting
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    real = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, real)
+
+
+def variant(name, common, qwen2_vl, model):
+    """A context in which `model` runs the named variant."""
+    stack = contextlib.ExitStack()
+    if name == "-caches":  # a fresh Decoding in every generate()
+        real = common.kept_decoding
+
+        def new_each_time(m, *args):
+            m.__dict__.pop("_decoding", None)
+            return real(m, *args)
+
+        stack.enter_context(patched(common, "kept_decoding", new_each_time))
+    elif name == "-sampling":  # the decode step compiled alone, the sampling eager
+        mode = "reduce-overhead" if A.device == "cuda" else None
+        step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+
+        def split(m):
+            def token(decode_step, d, s, pad_id, eos):
+                common.choose(d, step(d.token, d.pos, d.slot, d.keep, d.caches), s, pad_id, eos)
+
+            return token
+
+        stack.enter_context(patched(common, "compiled_next_token", split))
+    elif name == "-dynamic":  # static addresses only, and no dimension made dynamic after a recompile
+        stack.enter_context(patched(torch._dynamo.config, "automatic_dynamic_shapes", False))
+
+        def static_only(d):
+            for c in d.caches:
+                torch._dynamo.mark_static_address(c.k), torch._dynamo.mark_static_address(c.v)
+            for t in (d.keep, d.tokens, d.token, d.pos, d.slot, d.finished, d.key):
+                torch._dynamo.mark_static_address(t)
+
+        stack.enter_context(patched(common, "mark_for_compile", static_only))
+    elif name == "-mask":  # bool mask, repeated over the groups in every layer
+        real_attend = qwen2_vl.attend
+
+        def bool_mask_step(self, token, pos, slot, keep, caches):
+            seen = keep & (torch.arange(keep.shape[1], device=keep.device) <= slot)
+            x = self.model.embed_tokens(token)
+            h = self.model(x, pos.expand(3, -1, -1), seen[:, None, None], caches, slot)
+            return self.lm_head(h[:, -1])
+
+        def repeating_attend(q, k, v, mask):
+            if mask is None:
+                return real_attend(q, k, v, mask)
+            B, H, T, Dh = q.shape
+            G = H // k.shape[1]
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, -1, G * T, Dh), k, v, attn_mask=mask.repeat(1, 1, G, 1)
+            )
+            return y.view(B, H, T, Dh)
+
+        stack.enter_context(patched(qwen2_vl.Qwen2VL, "decode_step", bool_mask_step))
+        stack.enter_context(patched(qwen2_vl, "attend", repeating_attend))
+    elif name == "gqa":  # one query per head, SDPA shares the kv heads
+        real_attend = qwen2_vl.attend
+
+        def gqa_attend(q, k, v, mask):
+            if q.shape[2] != 1 or mask is None:
+                return real_attend(q, k, v, mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        stack.enter_context(patched(qwen2_vl, "attend", gqa_attend))
+    elif name == "coordinate":
+        import torch._inductor.config as inductor_config
+
+        stack.enter_context(patched(inductor_config, "coordinate_descent_tuning", True))
+    return stack
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def section(name: str, need_s: float):
+    def wrap(fn):
+        def run(*args):
+            left = A.deadline - (time.perf_counter() - T0)
+            if left < need_s and not A.tiny:
+                log(f"skip {name}: {left:.0f} s left, needs about {need_s:.0f}")
+                RESULTS[name] = {"skipped": f"{left:.0f} s left"}
+                return save()
+            log(f"== {name}")
+            try:
+                RESULTS[name] = fn(*args)
+            except Exception as e:  # one failure must not cost the other sections
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+                log(f"{name} failed: {type(e).__name__}: {e}")
+            log(json.dumps(RESULTS[name], default=str)[:1500])
+            save()
+
+        return run
+
+    return wrap
+
+
+def env() -> dict:
+    out = dict(
+        torch=torch.__version__, device=A.device, size=A.size, prompt=A.prompt, new_tokens=A.new_tokens
+    )
+    if A.device == "cuda":
+        out.update(
+            gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version()
+        )
+    else:
+        out["cuda"] = "not run (CPU)"
+    return out
+
+
+def variants(common, qwen2_vl, model, cfg) -> dict:
+    out = {}
+    for name in A.variants.split(","):
+        left = A.deadline - (time.perf_counter() - T0)
+        if left < 60 and not A.tiny:
+            out[name] = {"skipped": f"{left:.0f} s left"}
+            continue
+        fresh(model)
+        with variant(name, common, qwen2_vl, model), torch.inference_mode():
+            out[name] = {f"b{B}": measure(common, model, cfg, B) for B in (1, A.batch)}
+            if name in ("new", "-dynamic"):  # another cache length (a longer prompt), then batch 1 again
+                before = graphs()
+                A.prompt += 40
+                measure(common, model, cfg, 1, steady=False)
+                A.prompt -= 40
+                out[name]["graphs_for_another_length"] = graphs() - before
+        if "new" in out and "b1" in out[name]:  # greedy tokens as the new step's (a tie may break either way)
+            out[name]["same_tokens_as_new"] = out[name]["b1"]["tokens"] == out["new"]["b1"]["tokens"]
+        log(name, json.dumps(out[name]))
+        RESULTS["variants"] = out
+        save()
+    fresh(model)
+    return out
+
+
+def old() -> dict:
+    """The step before the rework, in a child process that imports .gpu/old/{common,qwen2_vl}.py."""
+    if not (HERE / "old" / "qwen2_vl.py").is_file():
+        return {"skipped": "no .gpu/old: run --prepare where git is, and carry .gpu/old"}
+    out_file = Path(A.out) / "old.json"
+    cmd = [sys.executable, __file__, "--child-old", "--out", A.out, "--device", A.device]
+    cmd += ["--prompt", str(A.prompt), "--new-tokens", str(A.new_tokens), "--batch", str(A.batch)]
+    cmd += ["--repeats", str(A.repeats), "--size", A.size] + (["--tiny"] if A.tiny else [])
+    subprocess.run(cmd, check=True, timeout=max(60, A.deadline - (time.perf_counter() - T0)))
+    return json.loads(out_file.read_text())
+
+
+def child_old() -> None:
+    sys.path.insert(0, str(HERE / "old"))
+    import common  # noqa: F401  the old files, first on the path
+    import qwen2_vl
+
+    model, cfg = build(qwen2_vl)
+    with torch.inference_mode():
+        result = {f"b{B}": measure(None, model, cfg, B, steady=False) for B in (1, A.batch)}
+    (Path(A.out) / "old.json").write_text(json.dumps(result))
+
+
+def profile(common, qwen2_vl, model, cfg) -> dict:
+    """Kernels (CUDA) or aten operations (CPU) per steady step of the new compiled token, by kind."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fresh(model)
+    with torch.inference_mode():
+        measure(common, model, cfg, 1, steady=False)  # compiles, leaves the Decoding
+        d, N = model._decoding, 11
+        step = common.compiled_next_token(model)
+        s = common.GenerationSettings(max_new_tokens=N, eos_token_ids=[])
+        eos = torch.tensor([], dtype=torch.long, device=A.device)
+        d.slot.sub_(N - 1), d.pos.sub_(N - 1)
+        cuda = A.device == "cuda"
+        activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with torch_profile(activities=activities) as prof:
+            for _ in range(N - 1):
+                step(model.decode_step, d, s, model.pad_token_id, eos)
+            sync()
+    events = [e for e in prof.events() if (e.device_type.name == "CUDA") == cuda]
+    kinds: dict[str, int] = {}
+    for e in events:
+        n = e.name.lower()
+        kind = next(
+            (k for k in ("gemv", "gemm", "attention", "triton", "memcpy", "memset") if k in n), "other"
+        )
+        kind = "attention" if ("flash" in n or "sdpa" in n or "fmha" in n) else kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total")
+    (Path(A.out) / "profile.txt").write_text(table)
+    return dict(
+        what="CUDA kernels" if cuda else "CPU events (CUDA not run)",
+        per_step=round(len(events) / (N - 1), 1),
+        by_kind_per_step={k: round(v / (N - 1), 1) for k, v in sorted(kinds.items())},
+    )
+
+
+def floor(model, cfg) -> dict:
+    """The decoder's weight products and one query's attention per layer run bare (bench.decode_floor: in a
+    CUDA graph on CUDA)."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    seconds = bench.decode_floor(model, A.prompt, A.new_tokens, torch.device(A.device))
+    return dict(ms=round(seconds * 1e3, 4), cuda_graph=A.device == "cuda" or "not run (CPU)")
+
+
+def main(argv=None) -> None:
+    global A
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="decode-ab-out")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", default="real", choices=["real", *SIZES], help="real: Qwen2-VL-2B's shapes")
+    ap.add_argument(
+        "--tiny", action="store_true", help="--size tiny, 8 tokens, batch 2, one repeat (CPU check)"
+    )
+    ap.add_argument("--prompt", type=int, default=368, help="prompt tokens (368: the measured photo prompt)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset, in order")
+    ap.add_argument("--deadline", type=float, default=450, help="seconds after which sections are skipped")
+    ap.add_argument("--prepare", action="store_true", help="write .gpu/old from git (here, before a run)")
+    ap.add_argument("--child-old", action="store_true", help=argparse.SUPPRESS)
+    A = ap.parse_args(argv)
+    if A.prepare:
+        (HERE / "old").mkdir(exist_ok=True)
+        for f in ("common.py", "qwen2_vl.py"):
+            text = subprocess.run(
+                ["git", "show", f"{OLD_REV}:{f}"], cwd=ROOT, capture_output=True, check=True
+            )
+            (HERE / "old" / f).write_bytes(text.stdout)
+        return print(f"wrote {HERE / 'old'} from {OLD_REV}: carry .gpu/old")
+    Path(A.out).mkdir(parents=True, exist_ok=True)
+    if A.tiny:
+        A.size, A.prompt, A.new_tokens, A.batch, A.repeats = (
+            "tiny",
+            min(A.prompt, 24),
+            min(A.new_tokens, 8),
+            2,
+            1,
+        )
+    if A.child_old:
+        return child_old()
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    import common
+    import qwen2_vl
+
+    model, cfg = build(qwen2_vl)
+    section("env", 0)(env)()
+    section("variants", 120)(variants)(common, qwen2_vl, model, cfg)
+    section("old", 90)(old)()
+    section("profile", 45)(profile)(common, qwen2_vl, model, cfg)
+    section("floor", 10)(floor)(model, cfg)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
