@@ -720,16 +720,9 @@ def decode_loop(
     Host reads: with a streamer, one per token, one step late (the step after it is launched first; the first
     token at once); without one, an all-finished check every 8 steps, and only when there are EOS ids."""
     check_finite(first_logits)
-    s, (B, V), device = settings, first_logits.shape, first_logits.device
+    s, V, device = settings, first_logits.shape[-1], first_logits.device
     eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=device)
-    d.key.copy_(noise_keys(s.seed, B))
-    if s.repetition_penalty == 1.0:
-        d.seen = None
-    else:  # kept with the rest when the shapes match
-        if d.seen is None or d.seen.shape != (B, V):
-            d.seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-            mark_for_compile(d)
-        d.seen.copy_(tokens_seen(prompt_ids.to(device), prompt_mask, V))
+    start_sampling(d, s, prompt_ids, prompt_mask, V)
     pad_id = model.pad_token_id
     choose(d, first_logits, s, pad_id, eos)  # the first new token, from the prefill
     step = compiled_next_token(model) if compile else next_token
@@ -763,6 +756,20 @@ def decode_loop(
     if stream is not None:
         stream.flush()
     return trim_finished(d.tokens[:, d.first : d.first + n].clone(), eos)
+
+
+def start_sampling(d: Decoding, s: GenerationSettings, prompt_ids, prompt_mask, V: int) -> None:
+    """The rows' first noise keys, and for the repetition penalty the prompt's tokens in `seen` (kept with the
+    rest of the Decoding while its shape fits)."""
+    B, device = d.key.shape[0], d.key.device
+    d.key.copy_(noise_keys(s.seed, B))
+    if s.repetition_penalty == 1.0:
+        d.seen = None
+        return
+    if d.seen is None or d.seen.shape != (B, V):
+        d.seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        mark_for_compile(d)
+    d.seen.copy_(tokens_seen(prompt_ids.to(device), prompt_mask, V))
 
 
 class LateRead:
