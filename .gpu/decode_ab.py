@@ -5,7 +5,8 @@ Qwen2-VL-2B's published configuration (tests/data) with random weights, bf16 on 
 --prompt tokens; ms per token at batch 1 and --batch for:
   new          the step as it is: caches kept, sampling in the compiled token, symbolic batch and length,
                one additive mask per step (common.next_token, compiled whole)
-  old          the step before this rework (commit OLD_REV, its files under .gpu/old: see below)
+  old          the step before this rework (commit OLD_REV, its files under .gpu/old: see below), in rounds
+               that alternate with the new step (a pair sees the machine in one state)
   -caches      new, but a fresh Decoding (caches and state) in every generate(): new addresses each call
   -sampling    new, but only the decode step compiled; sampling and bookkeeping run eagerly after it
   -dynamic     new, but no dimension marked dynamic: every batch size and cache length compiles again
@@ -15,7 +16,9 @@ Qwen2-VL-2B's published configuration (tests/data) with random weights, bf16 on 
 Each "-" variant is the new step less one change (leave-one-out), so its distance to "new" is what that
 change is worth with the others in place. Figures per variant and batch: ms per token from generate() (the
 difference of an N-token and a 2-token call, over N - 2), ms per step in steady state (the compiled token
-replayed N - 1 times on the kept tensors, one sync), the first call's seconds (the compile), graphs compiled.
+replayed N - 1 times on the kept tensors, one sync: bench.step_ms), each the fastest of --repeats runs (and
+their median), the first call's seconds (the compile; with --cold, no cache of an earlier compile helps it),
+graphs compiled.
 Then a kernel profile of the new step (kernels per step by kind, the top kernels) and the CUDA-graph floor.
 
 On the GPU machine (torch only; no transformers, no checkpoint, no network), from the project's root:
@@ -23,7 +26,8 @@ On the GPU machine (torch only; no transformers, no checkpoint, no network), fro
 Before it, here (the machine has no git history): python .gpu/decode_ab.py --prepare, then carry .gpu/old.
 On the CPU, a tiny model, every section (CUDA paths are marked as not run); or bench.py's "small" decoder:
     python .gpu/decode_ab.py --device cpu --tiny --out /tmp/ab
-    python .gpu/decode_ab.py --device cpu --size small --prompt 176 --batch 8 --deadline 100000 --out /tmp/ab
+    python .gpu/decode_ab.py --device cpu --size small --prompt 176 --batch 8 --deadline 100000 --cold \
+        --repeats 5 --variants new,-dynamic,gqa,-mask --out /tmp/ab     # about 25 min on 2 cores
 Results: OUT/results.json (after every section, so a run cut short keeps what it finished) and OUT/log.txt.
 """
 
@@ -124,7 +128,8 @@ def cudagraph_skips() -> int:
 
 
 def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
-    """One variant at batch B: the first call (compiles), ms/token from generate(), ms/step replayed."""
+    """One variant at batch B: the first call (compiles), ms/token from generate(), ms/step replayed. The
+    fastest of --repeats runs (other work on the machine only ever adds time) and their median."""
     data, N = prompt(cfg, B), A.new_tokens
     run = lambda n: model.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)  # noqa: E731
     before, skips, t = graphs(), cudagraph_skips(), now()
@@ -137,26 +142,27 @@ def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
             t = now()
             run(n)
             times.append(now() - t)
-        return statistics.median(times)
+        return times
 
     out = dict(first_call_s=round(first_s, 2), graphs_compiled=graphs() - before, tokens=tokens[0].tolist())
     out["cudagraph_skips"] = cudagraph_skips() - skips if A.device == "cuda" else "not run (CPU)"
-    out["generate_ms_per_token"] = round((seconds(N) - seconds(2)) / (N - 2) * 1e3, 4)
-    if steady:  # the compiled token replayed on the kept tensors (as bench.py's step_ms)
-        step = common.compiled_next_token(model)
-        s = common.GenerationSettings(max_new_tokens=N, eos_token_ids=[])
-        eos = torch.tensor([], dtype=torch.long, device=A.device)
-        times = []
-        for _ in range(A.repeats):
-            run(N)
-            d = model._decoding  # (the -caches variant makes a new one in every call)
-            d.slot.sub_(N - 1), d.pos.sub_(N - 1)
-            t = now()
-            for _ in range(N - 1):
-                step(model.decode_step, d, s, model.pad_token_id, eos)
-            times.append((now() - t) / (N - 1) * 1e3)
-        out["steady_ms_per_step"] = round(statistics.median(times), 4)
+    long, short = seconds(N), seconds(2)
+    out["generate_ms_per_token"] = round((min(long) - min(short)) / (N - 2) * 1e3, 4)
+    per_token = (statistics.median(long) - statistics.median(short)) / (N - 2)
+    out["generate_ms_per_token_median"] = round(per_token * 1e3, 4)
+    if steady:  # the compiled token replayed on the kept tensors: bench.py's step_ms
+        import bench
+
+        generate = lambda data, n: run(n)  # noqa: E731
+        times = [bench.step_ms(model, generate, data, N, compile=True) for _ in range(A.repeats)]
+        out["steady_ms_per_step"] = round(min(times), 4)
+        out["steady_ms_per_step_median"] = round(statistics.median(times), 4)
     return out
+
+
+def warm_up() -> None:
+    """Pay before timing what the first compile of a process costs whatever it compiles (imports, workers)."""
+    torch.compile(lambda x: x + 1)(torch.ones(2, device=A.device))
 
 
 def fresh(model) -> None:
@@ -290,7 +296,8 @@ def env() -> dict:
 
 def variants(common, qwen2_vl, model, cfg) -> dict:
     out = {}
-    for name in A.variants.split(","):
+    warm_up()
+    for name in [n for n in A.variants.split(",") if n]:  # --variants "": none
         left = A.deadline - (time.perf_counter() - T0)
         if left < 60 and not A.tiny:
             out[name] = {"skipped": f"{left:.0f} s left"}
@@ -313,27 +320,61 @@ def variants(common, qwen2_vl, model, cfg) -> dict:
     return out
 
 
-def old() -> dict:
-    """The step before the rework, in a child process that imports .gpu/old/{common,qwen2_vl}.py."""
+def load_old():
+    """qwen2_vl.py of OLD_REV from .gpu/old, as the module old_qwen2_vl beside the new one; its `common` is
+    the old common.py (old_common)."""
+    import importlib.util
+
+    new_common, mods = sys.modules["common"], {}
+    for name in ("common", "qwen2_vl"):
+        spec = importlib.util.spec_from_file_location(f"old_{name}", HERE / "old" / f"{name}.py")
+        mods[name] = sys.modules[f"old_{name}"] = importlib.util.module_from_spec(spec)
+        sys.modules["common"] = mods["common"]  # what the old qwen2_vl's `import common` finds
+        try:
+            spec.loader.exec_module(mods[name])
+        finally:
+            sys.modules["common"] = new_common
+    return mods["qwen2_vl"]
+
+
+def old(common, qwen2_vl, model, cfg) -> dict:
+    """The step before the rework (OLD_REV) against the new one, both in this process on the same weights:
+    each one's first call (the compile), then --repeats rounds that run old and new one after the other, so
+    that each pair sees the machine in the same state. ms per token as in `measure` (an N- less a 2-token
+    call): the fastest, the median, and the median of the rounds' new / old."""
     if not (HERE / "old" / "qwen2_vl.py").is_file():
         return {"skipped": "no .gpu/old: run --prepare where git is, and carry .gpu/old"}
-    out_file = Path(A.out) / "old.json"
-    cmd = [sys.executable, __file__, "--child-old", "--out", A.out, "--device", A.device]
-    cmd += ["--prompt", str(A.prompt), "--new-tokens", str(A.new_tokens), "--batch", str(A.batch)]
-    cmd += ["--repeats", str(A.repeats), "--size", A.size] + (["--tiny"] if A.tiny else [])
-    subprocess.run(cmd, check=True, timeout=max(60, A.deadline - (time.perf_counter() - T0)))
-    return json.loads(out_file.read_text())
-
-
-def child_old() -> None:
-    sys.path.insert(0, str(HERE / "old"))
-    import common  # noqa: F401  the old files, first on the path
-    import qwen2_vl
-
-    model, cfg = build(qwen2_vl)
+    old_model, _ = build(load_old())
+    fresh(model)
+    out, N = {}, A.new_tokens
     with torch.inference_mode():
-        result = {f"b{B}": measure(None, model, cfg, B, steady=False) for B in (1, A.batch)}
-    (Path(A.out) / "old.json").write_text(json.dumps(result))
+        for B in (1, A.batch):
+            data = prompt(cfg, B)
+            runs = {"old": old_model, "new": model}
+            first, tokens, ms = {}, {}, {name: [] for name in runs}
+            for name, m in runs.items():
+                before, t = graphs(), now()
+                tokens[name] = m.generate(**data, max_new_tokens=N, eos_token_ids=[], compile=True)
+                first[name] = dict(first_call_s=round(now() - t, 2), graphs_compiled=graphs() - before)
+                m.generate(**data, max_new_tokens=2, eos_token_ids=[], compile=True)  # (old: another bucket)
+            for _ in range(A.repeats):
+                for name, m in runs.items():
+                    t = [now()]
+                    for n in (N, 2):
+                        m.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)
+                        t.append(now())
+                    ms[name].append(((t[1] - t[0]) - (t[2] - t[1])) / (N - 2) * 1e3)
+            ratios = [new / old for new, old in zip(ms["new"], ms["old"])]
+            out[f"b{B}"] = {
+                **{f"{name}_{k}": v for name in runs for k, v in first[name].items()},
+                **{f"{name}_ms_per_token": round(min(ms[name]), 4) for name in runs},
+                **{f"{name}_ms_per_token_median": round(statistics.median(ms[name]), 4) for name in runs},
+                "new_over_old_median": round(statistics.median(ratios), 4),
+                "same_tokens": torch.equal(tokens["old"], tokens["new"]),
+            }
+    del old_model
+    fresh(model)
+    return out
 
 
 def profile(common, qwen2_vl, model, cfg) -> dict:
@@ -398,8 +439,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset, in order")
     ap.add_argument("--deadline", type=float, default=450, help="seconds after which sections are skipped")
+    ap.add_argument(
+        "--cold", action="store_true", help="inductor's caches off: every variant's first call compiles cold"
+    )
     ap.add_argument("--prepare", action="store_true", help="write .gpu/old from git (here, before a run)")
-    ap.add_argument("--child-old", action="store_true", help=argparse.SUPPRESS)
     A = ap.parse_args(argv)
     if A.prepare:
         (HERE / "old").mkdir(exist_ok=True)
@@ -418,8 +461,10 @@ def main(argv=None) -> None:
             2,
             1,
         )
-    if A.child_old:
-        return child_old()
+    if A.cold:  # no compiled graph or kernel reused from an earlier variant or run: comparable compile times
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     import common
@@ -428,7 +473,7 @@ def main(argv=None) -> None:
     model, cfg = build(qwen2_vl)
     section("env", 0)(env)()
     section("variants", 120)(variants)(common, qwen2_vl, model, cfg)
-    section("old", 90)(old)()
+    section("old", 120)(old)(common, qwen2_vl, model, cfg)
     section("profile", 45)(profile)(common, qwen2_vl, model, cfg)
     section("floor", 10)(floor)(model, cfg)
     log("done")
