@@ -19,7 +19,8 @@ difference of an N-token and a 2-token call, over N - 2), ms per step in steady 
 replayed N - 1 times on the kept tensors, one sync: bench.step_ms), each the fastest of --repeats runs (and
 their median), the first call's seconds (the compile; with --cold, no cache of an earlier compile helps it),
 graphs compiled.
-Then a kernel profile of the new step (kernels per step by kind, the top kernels) and the CUDA-graph floor.
+Sections in this order, each skipped when --deadline leaves too little: old against new, the variants, a
+kernel profile of the new step (kernels per step by kind, the top kernels), the CUDA-graph floor.
 
 On the GPU machine (torch only; no transformers, no checkpoint, no network), from the project's root:
     python .gpu/decode_ab.py --out "$OUT"                      # about 6-8 min on an H200, stops at --deadline
@@ -27,7 +28,7 @@ Before it, here (the machine has no git history): python .gpu/decode_ab.py --pre
 On the CPU, a tiny model, every section (CUDA paths are marked as not run); or bench.py's "small" decoder:
     python .gpu/decode_ab.py --device cpu --tiny --out /tmp/ab
     python .gpu/decode_ab.py --device cpu --size small --prompt 176 --batch 8 --deadline 100000 --cold \
-        --repeats 5 --variants new,-dynamic,gqa,-mask --out /tmp/ab     # about 25 min on 2 cores
+        --repeats 5 --variants new,-dynamic,gqa,-mask,-sampling --out /tmp/ab     # about 30 min on 2 cores
 Results: OUT/results.json (after every section, so a run cut short keeps what it finished) and OUT/log.txt.
 """
 
@@ -128,13 +129,16 @@ def cudagraph_skips() -> int:
 
 
 def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
-    """One variant at batch B: the first call (compiles), ms/token from generate(), ms/step replayed. The
-    fastest of --repeats runs (other work on the machine only ever adds time) and their median."""
+    """One variant at batch B: the first call (compiles), ms/token from generate(), ms/step replayed, the
+    whole N-token call; the fastest of --repeats runs (other work on the machine only ever adds time) and
+    their median. NOTE: the N- and the 2-token call have caches of different lengths, so what a call pays
+    once (a new Decoding, a CUDA graph recorded) cancels in ms/token: it shows in call_s (`-caches`)."""
     data, N = prompt(cfg, B), A.new_tokens
     run = lambda n: model.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)  # noqa: E731
     before, skips, t = graphs(), cudagraph_skips(), now()
     tokens = run(N)
     first_s = now() - t
+    run(2)  # its own cache length (a static variant compiles it here, untimed)
 
     def seconds(n):
         times = []
@@ -150,6 +154,7 @@ def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
     out["generate_ms_per_token"] = round((min(long) - min(short)) / (N - 2) * 1e3, 4)
     per_token = (statistics.median(long) - statistics.median(short)) / (N - 2)
     out["generate_ms_per_token_median"] = round(per_token * 1e3, 4)
+    out["call_s"] = round(min(long), 4)
     if steady:  # the compiled token replayed on the kept tensors: bench.py's step_ms
         import bench
 
@@ -339,9 +344,10 @@ def load_old():
 
 def old(common, qwen2_vl, model, cfg) -> dict:
     """The step before the rework (OLD_REV) against the new one, both in this process on the same weights:
-    each one's first call (the compile), then --repeats rounds that run old and new one after the other, so
-    that each pair sees the machine in the same state. ms per token as in `measure` (an N- less a 2-token
-    call): the fastest, the median, and the median of the rounds' new / old."""
+    each one's first call (the compile), then --repeats rounds that run old and new one after the other
+    (old first in even rounds, new first in odd ones), so that each pair sees the machine in the same state.
+    ms per token as in `measure` (an N- less a 2-token call, so what a call pays once cancels): the fastest,
+    the median, and the median of the rounds' new / old."""
     if not (HERE / "old" / "qwen2_vl.py").is_file():
         return {"skipped": "no .gpu/old: run --prepare where git is, and carry .gpu/old"}
     old_model, _ = build(load_old())
@@ -356,9 +362,9 @@ def old(common, qwen2_vl, model, cfg) -> dict:
                 before, t = graphs(), now()
                 tokens[name] = m.generate(**data, max_new_tokens=N, eos_token_ids=[], compile=True)
                 first[name] = dict(first_call_s=round(now() - t, 2), graphs_compiled=graphs() - before)
-                m.generate(**data, max_new_tokens=2, eos_token_ids=[], compile=True)  # (old: another bucket)
-            for _ in range(A.repeats):
-                for name, m in runs.items():
+                m.generate(**data, max_new_tokens=2, eos_token_ids=[], compile=True)  # old: another bucket
+            for r in range(A.repeats):
+                for name, m in list(runs.items())[:: 1 if r % 2 == 0 else -1]:
                     t = [now()]
                     for n in (N, 2):
                         m.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)
@@ -440,7 +446,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset, in order")
     ap.add_argument("--deadline", type=float, default=450, help="seconds after which sections are skipped")
     ap.add_argument(
-        "--cold", action="store_true", help="inductor's caches off: every variant's first call compiles cold"
+        "--cold",
+        action="store_true",
+        help="inductor's caches off: every first call compiles cold (torch leaves its temporary folders)",
     )
     ap.add_argument("--prepare", action="store_true", help="write .gpu/old from git (here, before a run)")
     A = ap.parse_args(argv)
@@ -472,8 +480,8 @@ def main(argv=None) -> None:
 
     model, cfg = build(qwen2_vl)
     section("env", 0)(env)()
+    section("old", 120)(old)(common, qwen2_vl, model, cfg)  # first: the comparison that matters most
     section("variants", 120)(variants)(common, qwen2_vl, model, cfg)
-    section("old", 120)(old)(common, qwen2_vl, model, cfg)
     section("profile", 45)(profile)(common, qwen2_vl, model, cfg)
     section("floor", 10)(floor)(model, cfg)
     log("done")

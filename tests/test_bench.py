@@ -50,7 +50,7 @@ def test_gpu_decode_script_runs_on_the_cpu(tmp_path):
 
     script = ROOT / ".gpu" / "decode_ab.py"
     prepared = subprocess.run([sys.executable, str(script), "--prepare"], cwd=ROOT, capture_output=True)
-    command = [sys.executable, str(script), "--device", "cpu", "--tiny", "--cold", "--out", str(tmp_path)]
+    command = [sys.executable, str(script), "--device", "cpu", "--tiny", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -59,7 +59,7 @@ def test_gpu_decode_script_runs_on_the_cpu(tmp_path):
     assert set(variants) == {"new", "-sampling", "-mask", "gqa", "-caches", "-dynamic", "coordinate"}
     for name, figures in variants.items():
         assert figures["b1"]["steady_ms_per_step"] > 0 and figures["b2"]["generate_ms_per_token"] > 0, name
-        assert figures["b1"]["steady_ms_per_step_median"] >= figures["b1"]["steady_ms_per_step"], name
+        assert figures["b1"]["call_s"] * 1e3 > figures["b1"]["generate_ms_per_token"], name
     assert variants["new"]["graphs_for_another_length"] == 0  # symbolic cache length: no new graph
     assert variants["-dynamic"]["graphs_for_another_length"] == 1
     assert results["profile"]["per_step"] > 0
