@@ -128,7 +128,13 @@ def cudagraph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
-def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
+def ms_per_token(long_s: float, short_s: float) -> float:
+    """ms per token from the seconds of an N-token and a 2-token call: what both pay (the prefill, a call's
+    set-up) cancels."""
+    return (long_s - short_s) / (A.new_tokens - 2) * 1e3
+
+
+def measure(model, cfg, B: int, steady: bool = True) -> dict:
     """One variant at batch B: the first call (compiles), ms/token from generate(), ms/step replayed, the
     whole N-token call; the fastest of --repeats runs (other work on the machine only ever adds time) and
     their median. NOTE: the N- and the 2-token call have caches of different lengths, so what a call pays
@@ -151,9 +157,9 @@ def measure(common, model, cfg, B: int, steady: bool = True) -> dict:
     out = dict(first_call_s=round(first_s, 2), graphs_compiled=graphs() - before, tokens=tokens[0].tolist())
     out["cudagraph_skips"] = cudagraph_skips() - skips if A.device == "cuda" else "not run (CPU)"
     long, short = seconds(N), seconds(2)
-    out["generate_ms_per_token"] = round((min(long) - min(short)) / (N - 2) * 1e3, 4)
-    per_token = (statistics.median(long) - statistics.median(short)) / (N - 2)
-    out["generate_ms_per_token_median"] = round(per_token * 1e3, 4)
+    out["generate_ms_per_token"] = round(ms_per_token(min(long), min(short)), 4)
+    per_token = ms_per_token(statistics.median(long), statistics.median(short))
+    out["generate_ms_per_token_median"] = round(per_token, 4)
     out["call_s"] = round(min(long), 4)
     if steady:  # the compiled token replayed on the kept tensors: bench.py's step_ms
         import bench
@@ -309,11 +315,11 @@ def variants(common, qwen2_vl, model, cfg) -> dict:
             continue
         fresh(model)
         with variant(name, common, qwen2_vl, model), torch.inference_mode():
-            out[name] = {f"b{B}": measure(common, model, cfg, B) for B in (1, A.batch)}
+            out[name] = {f"b{B}": measure(model, cfg, B) for B in (1, A.batch)}
             if name in ("new", "-dynamic"):  # another cache length (a longer prompt), then batch 1 again
                 before = graphs()
                 A.prompt += 40
-                measure(common, model, cfg, 1, steady=False)
+                measure(model, cfg, 1, steady=False)
                 A.prompt -= 40
                 out[name]["graphs_for_another_length"] = graphs() - before
         if "new" in out and "b1" in out[name]:  # greedy tokens as the new step's (a tie may break either way)
@@ -342,7 +348,7 @@ def load_old():
     return mods["qwen2_vl"]
 
 
-def old(common, qwen2_vl, model, cfg) -> dict:
+def old(model, cfg) -> dict:
     """The step before the rework (OLD_REV) against the new one, both in this process on the same weights:
     each one's first call (the compile), then --repeats rounds that run old and new one after the other
     (old first in even rounds, new first in odd ones), so that each pair sees the machine in the same state.
@@ -369,7 +375,7 @@ def old(common, qwen2_vl, model, cfg) -> dict:
                     for n in (N, 2):
                         m.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)
                         t.append(now())
-                    ms[name].append(((t[1] - t[0]) - (t[2] - t[1])) / (N - 2) * 1e3)
+                    ms[name].append(ms_per_token(t[1] - t[0], t[2] - t[1]))
             ratios = [new / old for new, old in zip(ms["new"], ms["old"])]
             out[f"b{B}"] = {
                 **{f"{name}_{k}": v for name in runs for k, v in first[name].items()},
@@ -390,7 +396,7 @@ def profile(common, qwen2_vl, model, cfg) -> dict:
 
     fresh(model)
     with torch.inference_mode():
-        measure(common, model, cfg, 1, steady=False)  # compiles, leaves the Decoding
+        measure(model, cfg, 1, steady=False)  # compiles, leaves the Decoding
         d, N = model._decoding, 11
         step = common.compiled_next_token(model)
         s = common.GenerationSettings(max_new_tokens=N, eos_token_ids=[])
@@ -480,7 +486,7 @@ def main(argv=None) -> None:
 
     model, cfg = build(qwen2_vl)
     section("env", 0)(env)()
-    section("old", 120)(old)(common, qwen2_vl, model, cfg)  # first: the comparison that matters most
+    section("old", 120)(old)(model, cfg)  # first: the comparison that matters most
     section("variants", 120)(variants)(common, qwen2_vl, model, cfg)
     section("profile", 45)(profile)(common, qwen2_vl, model, cfg)
     section("floor", 10)(floor)(model, cfg)
