@@ -6,7 +6,8 @@ Qwen2-VL-2B's published configuration (tests/data) with random weights, bf16 on 
   new          the step as it is: caches kept, sampling in the compiled token, symbolic batch and length,
                one additive mask per step (common.next_token, compiled whole)
   old          the step before this rework (commit OLD_REV, its files under .gpu/old: see below), in rounds
-               that alternate with the new step (a pair sees the machine in one state)
+               of generate() that alternate with the new step (a pair sees the machine in one state); then
+               the steps alone, old, new and new with static shapes, in turns of 8 steps (--steps each)
   -caches      new, but a fresh Decoding (caches and state) in every generate(): new addresses each call
   -sampling    new, but only the decode step compiled; sampling and bookkeeping run eagerly after it
   -dynamic     new, but no dimension marked dynamic: every batch size and cache length compiles again
@@ -29,6 +30,8 @@ On the CPU, a tiny model, every section (CUDA paths are marked as not run); or b
     python .gpu/decode_ab.py --device cpu --tiny --out /tmp/ab
     python .gpu/decode_ab.py --device cpu --size small --prompt 176 --batch 8 --deadline 100000 --cold \
         --repeats 5 --variants new,-dynamic,gqa,-mask,-sampling --out /tmp/ab     # about 30 min on 2 cores
+    python .gpu/decode_ab.py --device cpu --size small --prompt 176 --batch 8 --deadline 100000 \
+        --repeats 9 --steps 1024 --variants "" --out /tmp/ab      # old against new alone: about 15 min
 Results: OUT/results.json (after every section, so a run cut short keeps what it finished) and OUT/log.txt.
 """
 
@@ -197,6 +200,21 @@ def patched(obj, name, value):
         setattr(obj, name, real)
 
 
+@contextlib.contextmanager
+def static_shapes(common):
+    """New Decodings get static addresses only, and no dimension is made dynamic after a recompile: every
+    batch size and cache length compiles its own graph."""
+
+    def static_only(d):
+        for t in [t for c in d.caches for t in (c.k, c.v)] + [d.keep, d.tokens, d.token, d.pos, d.slot]:
+            torch._dynamo.mark_static_address(t)
+        torch._dynamo.mark_static_address(d.finished), torch._dynamo.mark_static_address(d.key)
+
+    with patched(torch._dynamo.config, "automatic_dynamic_shapes", False):
+        with patched(common, "mark_for_compile", static_only):
+            yield
+
+
 def variant(name, common, qwen2_vl, model):
     """A context in which `model` runs the named variant."""
     stack = contextlib.ExitStack()
@@ -219,16 +237,8 @@ def variant(name, common, qwen2_vl, model):
             return token
 
         stack.enter_context(patched(common, "compiled_next_token", split))
-    elif name == "-dynamic":  # static addresses only, and no dimension made dynamic after a recompile
-        stack.enter_context(patched(torch._dynamo.config, "automatic_dynamic_shapes", False))
-
-        def static_only(d):
-            for c in d.caches:
-                torch._dynamo.mark_static_address(c.k), torch._dynamo.mark_static_address(c.v)
-            for t in (d.keep, d.tokens, d.token, d.pos, d.slot, d.finished, d.key):
-                torch._dynamo.mark_static_address(t)
-
-        stack.enter_context(patched(common, "mark_for_compile", static_only))
+    elif name == "-dynamic":
+        stack.enter_context(static_shapes(common))
     elif name == "-mask":  # bool mask, repeated over the groups in every layer
         real_attend = qwen2_vl.attend
 
@@ -348,16 +358,93 @@ def load_old():
     return mods["qwen2_vl"]
 
 
-def old(model, cfg) -> dict:
-    """The step before the rework (OLD_REV) against the new one, both in this process on the same weights:
-    each one's first call (the compile), then --repeats rounds that run old and new one after the other
-    (old first in even rounds, new first in odd ones), so that each pair sees the machine in the same state.
-    ms per token as in `measure` (an N- less a 2-token call, so what a call pays once cancels): the fastest,
-    the median, and the median of the rounds' new / old."""
+def static_token(*args):
+    """common.next_token under a code object of its own: the graphs torch compiles belong to the code object,
+    so this one's static-shape graphs stay apart from the new step's."""
+    return sys.modules["common"].next_token(*args)
+
+
+def old_steps(old_model, data):
+    """The old step one decode step per call, as the old decode loop ran it: the compiled decode step, then
+    the eager greedy sampling and bookkeeping (no EOS ids). Its generate() runs up to the loop, which is
+    caught: the step closure and the prefill's logits. NOTE: the logits are sampled in the call that made
+    them, so no output of a CUDA graph is held while the other arms' graphs run."""
+    old_common, got = sys.modules["old_common"], {}
+
+    def caught(first_logits, step, *args):
+        got.update(token=old_common.sample(first_logits), step=step)  # the first new token, from the prefill
+        return torch.zeros(1, 1, dtype=torch.long)
+
+    with patched(old_common, "decode_loop", caught):
+        old_model.generate(**data, max_new_tokens=A.new_tokens, eos_token_ids=[], compile=True)
+    B, eos = got["token"].shape[0], torch.tensor([], dtype=torch.long, device=A.device)
+    out = torch.zeros(B, A.new_tokens, dtype=torch.long, device=A.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=A.device)
+
+    def one(i):  # step i = 0 .. N - 2
+        logits = got["step"](got["token"][:, None], i)
+        token = torch.where(finished, old_model.pad_token_id, old_common.sample(logits))
+        out[:, i + 1] = token
+        finished.logical_or_(torch.isin(token, eos))
+        got["token"] = token
+
+    return one
+
+
+def new_steps(model, step, data):
+    """A compiled token one step per call, on the Decoding a generate() of N tokens left on `model`; step 0
+    moves slot and position back to where that call's first step began (bench.step_ms's replay). Returns it
+    and that call's tokens."""
+    common = sys.modules["common"]
+    tokens = model.generate(**data, max_new_tokens=A.new_tokens, eos_token_ids=[], compile=True)
+    d, settings = model._decoding, common.GenerationSettings(max_new_tokens=A.new_tokens, eos_token_ids=[])
+    eos = torch.tensor([], dtype=torch.long, device=A.device)
+    slot, pos = d.slot - (A.new_tokens - 1), d.pos - (A.new_tokens - 1)
+
+    def one(i):  # step i = 0 .. N - 2
+        if i == 0:
+            d.slot.copy_(slot), d.pos.copy_(pos)
+        step(model.decode_step, d, settings, model.pad_token_id, eos)
+
+    return one, tokens
+
+
+def interleaved(steps: dict) -> dict:
+    """The arms' steps in turns of 8 (the order reversed every other turn), --steps in all per arm: each turn
+    sees the machine in about the state the others' turns saw. ms per step: the median of the turns, the
+    total against the old step's total, and the median of the turns' ratios to the old step's turn."""
+    times, k, N = {name: [] for name in steps}, 8, A.new_tokens
+    for turn in range(max(A.steps // k, 1)):
+        for name in list(steps)[:: 1 if turn % 2 == 0 else -1]:
+            t = now()
+            for j in range(k):
+                steps[name]((turn * k + j) % (N - 1))
+            times[name].append((now() - t) / k * 1e3)
+    return {
+        name: dict(
+            ms_per_step_median=round(statistics.median(ms), 4),
+            over_old=round(sum(ms) / sum(times["old"]), 4),
+            over_old_median=round(statistics.median(a / b for a, b in zip(ms, times["old"])), 4),
+        )
+        for name, ms in times.items()
+    }
+
+
+def old(common, model, cfg) -> dict:
+    """The step before the rework (OLD_REV) against the new one, both in this process on the same weights.
+    In generate(): each one's first call (the compile), then --repeats rounds that run old and new one after
+    the other (old first in even rounds, new first in odd ones), so that each pair sees the machine in the
+    same state; ms per token as in `measure` (an N- less a 2-token call, so what a call pays once cancels):
+    the fastest, the median, and the median of the rounds' new / old. Then the steps alone, interleaved in
+    turns of 8 (`interleaved`), with a third arm: the new step with static shapes (`static_shapes`)."""
     if not (HERE / "old" / "qwen2_vl.py").is_file():
         return {"skipped": "no .gpu/old: run --prepare where git is, and carry .gpu/old"}
     old_model, _ = build(load_old())
+    static_model, _ = build(sys.modules["qwen2_vl"])
     fresh(model)
+    mode = "reduce-overhead" if A.device == "cuda" else None
+    static_step = torch.compile(static_token, mode=mode, fullgraph=True)
+    static_model.__dict__["_compiled_next_token"] = static_step
     out, N = {}, A.new_tokens
     with torch.inference_mode():
         for B in (1, A.batch):
@@ -378,13 +465,29 @@ def old(model, cfg) -> dict:
                     ms[name].append(ms_per_token(t[1] - t[0], t[2] - t[1]))
             ratios = [new / old for new, old in zip(ms["new"], ms["old"])]
             out[f"b{B}"] = {
-                **{f"{name}_{k}": v for name in runs for k, v in first[name].items()},
+                **{f"{name}_{k}": v for name, first_call in first.items() for k, v in first_call.items()},
                 **{f"{name}_ms_per_token": round(min(ms[name]), 4) for name in runs},
                 **{f"{name}_ms_per_token_median": round(statistics.median(ms[name]), 4) for name in runs},
                 "new_over_old_median": round(statistics.median(ratios), 4),
                 "same_tokens": torch.equal(tokens["old"], tokens["new"]),
             }
-    del old_model
+            with static_shapes(common):  # its own Decoding, static
+                before, t = graphs(), now()
+                static_one, static_tokens = new_steps(static_model, static_step, data)
+                out[f"b{B}"].update(static_first_call_s=round(now() - t, 2), static_graphs=graphs() - before)
+            steps = dict(
+                old=old_steps(old_model, data),
+                new=new_steps(model, common.compiled_next_token(model), data)[0],
+            )
+            steps["static"] = static_one
+            try:  # NOTE: three CUDA-graph trees in turns are untried on a GPU; a failure keeps the rounds
+                for one in steps.values():  # a first step each, untimed (the old one may compile its length)
+                    one(0)
+                out[f"b{B}"]["steps"] = interleaved(steps)
+            except Exception as e:
+                out[f"b{B}"]["steps"] = {"error": f"{type(e).__name__}: {e}"}
+            out[f"b{B}"]["static_same_tokens"] = torch.equal(static_tokens, tokens["new"])
+    del old_model, static_model
     fresh(model)
     return out
 
@@ -449,6 +552,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=512, help="steps per arm in the old section's interleaving")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset, in order")
     ap.add_argument("--deadline", type=float, default=450, help="seconds after which sections are skipped")
     ap.add_argument(
@@ -475,6 +579,7 @@ def main(argv=None) -> None:
             2,
             1,
         )
+        A.steps = min(A.steps, 16)
     if A.cold:  # no compiled graph or kernel reused from an earlier variant or run: comparable compile times
         import torch._inductor.config as inductor_config
 
@@ -486,7 +591,7 @@ def main(argv=None) -> None:
 
     model, cfg = build(qwen2_vl)
     section("env", 0)(env)()
-    section("old", 120)(old)(model, cfg)  # first: the comparison that matters most
+    section("old", 120)(old)(common, model, cfg)  # first: the comparison that matters most
     section("variants", 120)(variants)(common, qwen2_vl, model, cfg)
     section("profile", 45)(profile)(common, qwen2_vl, model, cfg)
     section("floor", 10)(floor)(model, cfg)

@@ -67,3 +67,7 @@ def test_gpu_decode_script_runs_on_the_cpu(tmp_path):
         old = results["old"]["b2"]
         assert old["old_ms_per_token"] > 0 and old["new_ms_per_token"] > 0 and old["new_over_old_median"] > 0
         assert old["same_tokens"]  # the same weights and greedy maths, before and after
+        steps = old["steps"]  # the steps alone, interleaved: old, new, and new with static shapes
+        assert set(steps) == {"old", "new", "static"}, steps
+        assert all(f["ms_per_step_median"] > 0 and f["over_old"] > 0 for f in steps.values()), steps
+        assert old["static_same_tokens"] and old["static_graphs"] == 1  # batch 2: a graph of its own
