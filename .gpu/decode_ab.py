@@ -52,6 +52,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OLD_REV = "5b5ee37"  # the last commit with the decode step before the rework
+OLD_FILES = ["common", "qwen2_vl", "paligemma", "llava_onevision", "video_llava", "perception_lm"]  # .gpu/old
 CONFIG = ROOT / "tests/data/qwen2_vl/Qwen2-VL-2B-Instruct.config.json"
 VARIANTS = ["new", "-sampling", "-mask", "gqa", "-caches", "-dynamic", "coordinate"]
 SIZES = {  # text width, layers, heads, kv heads, FFN, vocabulary (the vision tower, unused, at its smallest)
@@ -341,21 +342,23 @@ def variants(common, qwen2_vl, model, cfg) -> dict:
     return out
 
 
-def load_old():
-    """qwen2_vl.py of OLD_REV from .gpu/old, as the module old_qwen2_vl beside the new one; its `common` is
-    the old common.py (old_common)."""
+def load_old(name: str = "qwen2_vl"):
+    """A model file of OLD_REV from .gpu/old, as the module old_NAME beside the new one; its `common` is the
+    old common.py (old_common, loaded once)."""
     import importlib.util
 
-    new_common, mods = sys.modules["common"], {}
-    for name in ("common", "qwen2_vl"):
-        spec = importlib.util.spec_from_file_location(f"old_{name}", HERE / "old" / f"{name}.py")
-        mods[name] = sys.modules[f"old_{name}"] = importlib.util.module_from_spec(spec)
-        sys.modules["common"] = mods["common"]  # what the old qwen2_vl's `import common` finds
+    new_common = sys.modules["common"]
+    for module in ("common", name):
+        if f"old_{module}" in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(f"old_{module}", HERE / "old" / f"{module}.py")
+        sys.modules[f"old_{module}"] = importlib.util.module_from_spec(spec)
+        sys.modules["common"] = sys.modules["old_common"]  # what the old model file's `import common` finds
         try:
-            spec.loader.exec_module(mods[name])
+            spec.loader.exec_module(sys.modules[f"old_{module}"])
         finally:
             sys.modules["common"] = new_common
-    return mods["qwen2_vl"]
+    return sys.modules[f"old_{name}"]
 
 
 def static_token(*args):
@@ -564,11 +567,11 @@ def main(argv=None) -> None:
     A = ap.parse_args(argv)
     if A.prepare:
         (HERE / "old").mkdir(exist_ok=True)
-        for f in ("common.py", "qwen2_vl.py"):
+        for f in OLD_FILES:
             text = subprocess.run(
-                ["git", "show", f"{OLD_REV}:{f}"], cwd=ROOT, capture_output=True, check=True
+                ["git", "show", f"{OLD_REV}:{f}.py"], cwd=ROOT, capture_output=True, check=True
             )
-            (HERE / "old" / f).write_bytes(text.stdout)
+            (HERE / "old" / f"{f}.py").write_bytes(text.stdout)
         return print(f"wrote {HERE / 'old'} from {OLD_REV}: carry .gpu/old")
     Path(A.out).mkdir(parents=True, exist_ok=True)
     if A.tiny:
