@@ -12,6 +12,7 @@ first in even turns, new first in odd ones), --steps each: ms per step, the medi
 
     python .gpu/decode_ab.py --prepare
     python .gpu/before_after.py --out /tmp/before-after      # about 25 min on 2 CPU cores
+    python .gpu/before_after.py --size tiny --models paligemma2 --steps 16 --new-tokens 8   # a check
 Results: OUT/results.json after every model, and a Markdown table on stdout.
 """
 
@@ -45,10 +46,10 @@ PROMPTS = {  # bench.py --all's prompt lengths on the CPU at --size small (SPEED
 }
 
 
-def checkpoint(name: str, root: Path) -> Path:
+def checkpoint(name: str, root: Path, size: str) -> Path:
     if name.startswith("paligemma"):
-        return tiny.build_paligemma(root, version=2 if name == "paligemma2" else 1, size="small")["hf5"]
-    return getattr(tiny, f"build_{name}")(root, size="small")["hf5"]
+        return tiny.build_paligemma(root, version=2 if name == "paligemma2" else 1, size=size)["hf5"]
+    return getattr(tiny, f"build_{name}")(root, size=size)["hf5"]
 
 
 def text_prompt(model, T: int, B: int, device) -> dict:
@@ -61,14 +62,14 @@ def text_prompt(model, T: int, B: int, device) -> dict:
 def pair(name: str, root: Path, a) -> dict:
     module = importlib.import_module("paligemma" if name == "paligemma2" else name)
     old_module = decode_ab.load_old(module.__name__)
-    ckpt, dtype = checkpoint(name, root), torch.bfloat16 if a.device == "cuda" else torch.float32
+    ckpt, dtype = checkpoint(name, root, a.size), torch.bfloat16 if a.device == "cuda" else torch.float32
     new, _ = module.load(ckpt, device=a.device, dtype=dtype)
     old, _ = old_module.load(ckpt, device=a.device, dtype=dtype)
-    batch = 2 if name == "video_llava" else a.batch
-    out = {"prompt": PROMPTS[name], "batch": batch}
+    batch, T = 2 if name == "video_llava" else a.batch, PROMPTS[name] if a.size == "small" else 24
+    out = {"prompt": T, "batch": batch}
     with torch.inference_mode():
         for key, B in (("b1", 1), ("bB", batch)):
-            data, first, out[key] = text_prompt(new, PROMPTS[name], B, a.device), {}, {}
+            data, first, out[key] = text_prompt(new, T, B, a.device), {}, {}
             for arm, m in (("old", old), ("new", new)):
                 t = decode_ab.now()
                 first[arm] = m.generate(**data, max_new_tokens=a.new_tokens, eos_token_ids=[], compile=True)
@@ -107,6 +108,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="before-after-out")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--size", default="small", choices=["small", "tiny"], help="tiny: a 24-token prompt (a check)"
+    )
     ap.add_argument("--models", default=",".join(PROMPTS), help="a comma-separated subset, in order")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,26 @@ def test_gpu_decode_script_runs_on_the_cpu(tmp_path):
         assert set(steps) == {"old", "new", "static"}, steps
         assert all(f["ms_per_step_median"] > 0 and f["over_old"] > 0 for f in steps.values()), steps
         assert old["static_same_tokens"] and old["static_graphs"] == 1  # batch 2: a graph of its own
+
+
+def test_before_after_script_runs_on_the_cpu(tmp_path):
+    """.gpu/before_after.py, every model's step before the compiled-token rework and after it, on tiny
+    checkpoints of two models: the old and the new file give the same greedy tokens, and the paired steps
+    their figures."""
+    import json
+
+    prepared = subprocess.run([sys.executable, str(ROOT / ".gpu" / "decode_ab.py"), "--prepare"], cwd=ROOT)
+    if prepared.returncode != 0:
+        pytest.skip("no git history here: .gpu/old (the files before the rework) cannot be written")
+    command = [sys.executable, str(ROOT / ".gpu" / "before_after.py"), "--size", "tiny", "--steps", "16"]
+    command += ["--models", "paligemma2,llava_onevision", "--new-tokens", "8", "--batch", "2"]
+    done = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["paligemma2", "llava_onevision"]
+    for name, r in results.items():
+        for b in (r["b1"], r["bB"]):
+            assert b["same_tokens"], name  # the same weights and greedy maths, before and after
+            assert b["old"]["ms_per_step_median"] > 0 and b["new"]["ms_per_step_median"] > 0, name
+            assert b["new"]["over_old"] > 0, name
+    assert "| paligemma2 | 24 |" in done.stdout and "| llava_onevision | 24 |" in done.stdout
