@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Every model's compiled decode step before the rework of the compiled token and after it, paired (not part
-of the tests).
+"""Every model's compiled decode step before the rework of the compiled token and after it, paired, on one
+machine (tests/test_bench.py runs it at the tiny size).
 
 For each model: bench.py's "small" checkpoint (tests/tiny.py, random weights, so transformers must be
 installed), loaded by the model file as it is and by the same file at decode_ab.OLD_REV (from .gpu/old:
 `python .gpu/decode_ab.py --prepare` first). A text prompt as long as bench.py --all's prompt for that model
 (so the caches have its lengths), fp32 on the CPU (bf16 on CUDA), at batch 1 and --batch (Video-LLaVA: 2).
-Each one's first generate() compiles; then the two steps alone run in turns of 8 (decode_ab.interleaved: old
-first in even turns, new first in odd ones), --steps each: ms per step, the median of the turns, and new / old
-(of the totals, and the median of the turns' ratios). Greedy tokens of the two generate() calls compared.
+Each one's first generate() compiles; then the two steps alone run in turns of 8 (decode_ab.interleaved: each
+first in turn), --steps each: ms per step, the median of the turns, and new / old (of the totals, and the
+median of the turns' ratios). Greedy tokens of the two generate() calls compared.
 
     python .gpu/decode_ab.py --prepare
     python .gpu/before_after.py --out /tmp/before-after      # about 25 min on 2 CPU cores
@@ -60,12 +60,16 @@ def text_prompt(model, T: int, B: int, device) -> dict:
 
 
 def pair(name: str, root: Path, a) -> dict:
+    """One model: its first generate() old and new (the compiles, and their greedy tokens compared), then the
+    two steps interleaved (decode_ab.interleaved), at batch 1 and B."""
     module = importlib.import_module("paligemma" if name == "paligemma2" else name)
     old_module = decode_ab.load_old(module.__name__)
-    ckpt, dtype = checkpoint(name, root, a.size), torch.bfloat16 if a.device == "cuda" else torch.float32
+    ckpt = checkpoint(name, root, a.size)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     new, _ = module.load(ckpt, device=a.device, dtype=dtype)
     old, _ = old_module.load(ckpt, device=a.device, dtype=dtype)
-    batch, T = 2 if name == "video_llava" else a.batch, PROMPTS[name] if a.size == "small" else 24
+    batch = 2 if name == "video_llava" else a.batch
+    T = PROMPTS[name] if a.size == "small" else 24
     out = {"prompt": T, "batch": batch}
     with torch.inference_mode():
         for key, B in (("b1", 1), ("bB", batch)):
@@ -75,12 +79,10 @@ def pair(name: str, root: Path, a) -> dict:
                 first[arm] = m.generate(**data, max_new_tokens=a.new_tokens, eos_token_ids=[], compile=True)
                 out[key][f"{arm}_first_call_s"] = round(decode_ab.now() - t, 2)
             out[key]["same_tokens"] = torch.equal(first["old"], first["new"])
-            steps = {
-                "old": decode_ab.old_steps(old, data),
-                "new": decode_ab.new_steps(new, common.compiled_next_token(new), data)[0],
+            steps = {  # the new model's Decoding is the one its N-token call above left
+                "old": decode_ab.old_stepper(old, data),
+                "new": decode_ab.new_stepper(new, common.compiled_next_token(new)),
             }
-            for one in steps.values():  # a first step each, untimed (the old one may compile its length)
-                one(0)
             out[key].update(decode_ab.interleaved(steps))
             print(name, B, json.dumps(out[key]), flush=True)
     del new, old

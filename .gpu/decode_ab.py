@@ -207,9 +207,10 @@ def static_shapes(common):
     batch size and cache length compiles its own graph."""
 
     def static_only(d):
-        for t in [t for c in d.caches for t in (c.k, c.v)] + [d.keep, d.tokens, d.token, d.pos, d.slot]:
+        for t in [t for c in d.caches for t in (c.k, c.v)]:
             torch._dynamo.mark_static_address(t)
-        torch._dynamo.mark_static_address(d.finished), torch._dynamo.mark_static_address(d.key)
+        for t in (d.keep, d.tokens, d.token, d.pos, d.slot, d.finished, d.key):
+            torch._dynamo.mark_static_address(t)
 
     with patched(torch._dynamo.config, "automatic_dynamic_shapes", False):
         with patched(common, "mark_for_compile", static_only):
@@ -367,11 +368,11 @@ def static_token(*args):
     return sys.modules["common"].next_token(*args)
 
 
-def old_steps(old_model, data):
-    """The old step one decode step per call, as the old decode loop ran it: the compiled decode step, then
-    the eager greedy sampling and bookkeeping (no EOS ids). Its generate() runs up to the loop, which is
-    caught: the step closure and the prefill's logits. NOTE: the logits are sampled in the call that made
-    them, so no output of a CUDA graph is held while the other arms' graphs run."""
+def old_stepper(old_model, data):
+    """The old step, one decode step per call, as the old decode loop ran it with no EOS ids: the compiled
+    decode step, the eager greedy sampling and bookkeeping, and the all-finished read every 8 steps. Its
+    generate() runs up to the loop, which is caught: the step closure and the prefill's logits. NOTE: the
+    logits are sampled in the call that made them, so no output of a CUDA graph is held across calls."""
     old_common, got = sys.modules["old_common"], {}
 
     def caught(first_logits, step, *args):
@@ -390,17 +391,18 @@ def old_steps(old_model, data):
         out[:, i + 1] = token
         finished.logical_or_(torch.isin(token, eos))
         got["token"] = token
+        if i % 8 == 7:
+            bool(finished.all())
 
     return one
 
 
-def new_steps(model, step, data):
-    """A compiled token one step per call, on the Decoding a generate() of N tokens left on `model`; step 0
-    moves slot and position back to where that call's first step began (bench.step_ms's replay). Returns it
-    and that call's tokens."""
-    common = sys.modules["common"]
-    tokens = model.generate(**data, max_new_tokens=A.new_tokens, eos_token_ids=[], compile=True)
-    d, settings = model._decoding, common.GenerationSettings(max_new_tokens=A.new_tokens, eos_token_ids=[])
+def new_stepper(model, step):
+    """A compiled token `step`, one decode step per call, on the Decoding that a generate() of N tokens left
+    on `model`; step 0 moves slot and position back to where that call's first step began (bench.step_ms's
+    replay). The new loop reads nothing on the host without EOS ids."""
+    d = model._decoding
+    settings = sys.modules["common"].GenerationSettings(max_new_tokens=A.new_tokens, eos_token_ids=[])
     eos = torch.tensor([], dtype=torch.long, device=A.device)
     slot, pos = d.slot - (A.new_tokens - 1), d.pos - (A.new_tokens - 1)
 
@@ -409,21 +411,28 @@ def new_steps(model, step, data):
             d.slot.copy_(slot), d.pos.copy_(pos)
         step(model.decode_step, d, settings, model.pad_token_id, eos)
 
-    return one, tokens
+    return one
 
 
 def interleaved(steps: dict) -> dict:
-    """The arms' steps in turns of 8 (the order reversed every other turn), --steps in all per arm: each turn
-    sees the machine in about the state the others' turns saw. ms per step: the median of the turns, the
-    total against the old step's total, and the median of the turns' ratios to the old step's turn."""
-    times, k, N = {name: [] for name in steps}, 8, A.new_tokens
+    """The arms' steps in turns of 8, --steps in all per arm, the order rotated every turn (so each arm runs
+    first, in the middle and last equally often): each turn sees the machine in about the state the others'
+    turns saw. A first turn each runs untimed. ms per step: the median of the turns, the total against the old
+    step's total, and the median of the turns' ratios to the old step's turn; graphs compiled meanwhile (0:
+    every arm ran the graph it had)."""
+    names, k, N, before = list(steps), 8, A.new_tokens, graphs()
+    for one in steps.values():
+        for j in range(k):
+            one(j % (N - 1))
+    times = {name: [] for name in names}
     for turn in range(max(A.steps // k, 1)):
-        for name in list(steps)[:: 1 if turn % 2 == 0 else -1]:
+        r = turn % len(names)
+        for name in names[r:] + names[:r]:
             t = now()
             for j in range(k):
                 steps[name]((turn * k + j) % (N - 1))
             times[name].append((now() - t) / k * 1e3)
-    return {
+    out = {
         name: dict(
             ms_per_step_median=round(statistics.median(ms), 4),
             over_old=round(sum(ms) / sum(times["old"]), 4),
@@ -431,6 +440,7 @@ def interleaved(steps: dict) -> dict:
         )
         for name, ms in times.items()
     }
+    return {**out, "graphs_compiled": graphs() - before}
 
 
 def old(common, model, cfg) -> dict:
@@ -466,7 +476,7 @@ def old(common, model, cfg) -> dict:
                         m.generate(**data, max_new_tokens=n, eos_token_ids=[], compile=True)
                         t.append(now())
                     ms[name].append(ms_per_token(t[1] - t[0], t[2] - t[1]))
-            ratios = [new / old for new, old in zip(ms["new"], ms["old"])]
+            ratios = [n / o for n, o in zip(ms["new"], ms["old"])]
             out[f"b{B}"] = {
                 **{f"{name}_{k}": v for name, first_call in first.items() for k, v in first_call.items()},
                 **{f"{name}_ms_per_token": round(min(ms[name]), 4) for name in runs},
@@ -476,16 +486,17 @@ def old(common, model, cfg) -> dict:
             }
             with static_shapes(common):  # its own Decoding, static
                 before, t = graphs(), now()
-                static_one, static_tokens = new_steps(static_model, static_step, data)
+                static_tokens = static_model.generate(
+                    **data, max_new_tokens=N, eos_token_ids=[], compile=True
+                )
                 out[f"b{B}"].update(static_first_call_s=round(now() - t, 2), static_graphs=graphs() - before)
+            model.generate(**data, max_new_tokens=N, eos_token_ids=[], compile=True)  # its Decoding for N
             steps = dict(
-                old=old_steps(old_model, data),
-                new=new_steps(model, common.compiled_next_token(model), data)[0],
+                old=old_stepper(old_model, data),
+                new=new_stepper(model, common.compiled_next_token(model)),
+                static=new_stepper(static_model, static_step),
             )
-            steps["static"] = static_one
             try:  # NOTE: three CUDA-graph trees in turns are untried on a GPU; a failure keeps the rounds
-                for one in steps.values():  # a first step each, untimed (the old one may compile its length)
-                    one(0)
                 out[f"b{B}"]["steps"] = interleaved(steps)
             except Exception as e:
                 out[f"b{B}"]["steps"] = {"error": f"{type(e).__name__}: {e}"}

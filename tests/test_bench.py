@@ -70,8 +70,9 @@ def test_gpu_decode_script_runs_on_the_cpu(tmp_path):
         assert old["old_ms_per_token"] > 0 and old["new_ms_per_token"] > 0 and old["new_over_old_median"] > 0
         assert old["same_tokens"]  # the same weights and greedy maths, before and after
         steps = old["steps"]  # the steps alone, interleaved: old, new, and new with static shapes
-        assert set(steps) == {"old", "new", "static"}, steps
-        assert all(f["ms_per_step_median"] > 0 and f["over_old"] > 0 for f in steps.values()), steps
+        arms = {name: f for name, f in steps.items() if name != "graphs_compiled"}
+        assert set(arms) == {"old", "new", "static"} and steps["graphs_compiled"] == 0, steps
+        assert all(f["ms_per_step_median"] > 0 and f["over_old"] > 0 for f in arms.values()), steps
         assert old["static_same_tokens"] and old["static_graphs"] == 1  # batch 2: a graph of its own
 
 
@@ -94,5 +95,5 @@ def test_before_after_script_runs_on_the_cpu(tmp_path):
         for b in (r["b1"], r["bB"]):
             assert b["same_tokens"], name  # the same weights and greedy maths, before and after
             assert b["old"]["ms_per_step_median"] > 0 and b["new"]["ms_per_step_median"] > 0, name
-            assert b["new"]["over_old"] > 0, name
+            assert b["new"]["over_old"] > 0 and b["graphs_compiled"] == 0, name  # each ran the graph it had
     assert "| paligemma2 | 24 |" in done.stdout and "| llava_onevision | 24 |" in done.stdout
