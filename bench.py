@@ -326,21 +326,34 @@ def generation_runs(a, device, dtype, ours, ref, proc, hproc, text, media, visio
 
 def step_ms(model, generate, data, n: int, compile: bool) -> float:
     """Milliseconds per decode step in steady state: one generate() of n tokens leaves its Decoding on the
-    model; its last n - 1 steps are run again on the same tensors (slot and position moved back, the cache
-    as it was), with one sync at the end. With --compile: replays of the compiled token (a CUDA graph on
-    CUDA); nothing else runs between them, neither the loop's checks nor a host read."""
+    model; its last n - 1 steps are run again on the same tensors (`replay`), with one sync at the end. With
+    --compile: replays of the compiled token (a CUDA graph on CUDA); nothing else runs between them, neither
+    the loop's checks nor a host read."""
     generate(data, n)
-    d, device = model._decoding, model._decoding.tokens.device
-    step = common.compiled_next_token(model) if compile else common.next_token
-    settings = common.GenerationSettings(max_new_tokens=n, eos_token_ids=[])  # generate()'s for the bench
-    eos = torch.tensor([], dtype=torch.long, device=device)
-    d.slot.sub_(n - 1), d.pos.sub_(n - 1)
+    one = replay(model, common.compiled_next_token(model) if compile else common.next_token, n)
 
     def steps():
-        for _ in range(n - 1):
-            step(model.decode_step, d, settings, model.pad_token_id, eos)
+        for i in range(n - 1):
+            one(i)
 
-    return timed(steps, device)[0] / (n - 1) * 1e3
+    return timed(steps, model._decoding.tokens.device)[0] / (n - 1) * 1e3
+
+
+def replay(model, step, n: int):
+    """Decode step i = 0 .. n - 2 of the generate() of n tokens whose Decoding `model` keeps, run again by
+    the token function `step` (common.next_token, or a compiled one) at each call one(i); one(0) moves slot
+    and position back to where that call's first step began (the cache as it was)."""
+    d = model._decoding
+    settings = common.GenerationSettings(max_new_tokens=n, eos_token_ids=[])  # generate()'s for the bench
+    eos = torch.tensor([], dtype=torch.long, device=d.tokens.device)
+    slot, pos = d.slot - (n - 1), d.pos - (n - 1)
+
+    def one(i: int) -> None:
+        if i == 0:
+            d.slot.copy_(slot), d.pos.copy_(pos)
+        step(model.decode_step, d, settings, model.pad_token_id, eos)
+
+    return one
 
 
 def chat_runs(a, device, ours, ref, proc, hproc, media: dict) -> dict:

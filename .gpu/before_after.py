@@ -32,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 import decode_ab  # noqa: E402
 import tiny  # noqa: E402
 
+import bench  # noqa: E402
 import common  # noqa: E402
 
 tiny.torchvision_for_reference()  # the stand-in when the real torchvision cannot load (tests/tiny.py)
@@ -81,7 +82,7 @@ def pair(name: str, root: Path, a) -> dict:
             out[key]["same_tokens"] = torch.equal(first["old"], first["new"])
             steps = {  # the new model's Decoding is the one its N-token call above left
                 "old": decode_ab.old_stepper(old, data),
-                "new": decode_ab.new_stepper(new, common.compiled_next_token(new)),
+                "new": bench.replay(new, common.compiled_next_token(new), a.new_tokens),
             }
             out[key].update(decode_ab.interleaved(steps))
             print(name, B, json.dumps(out[key]), flush=True)

@@ -397,29 +397,13 @@ def old_stepper(old_model, data):
     return one
 
 
-def new_stepper(model, step):
-    """A compiled token `step`, one decode step per call, on the Decoding that a generate() of N tokens left
-    on `model`; step 0 moves slot and position back to where that call's first step began (bench.step_ms's
-    replay). The new loop reads nothing on the host without EOS ids."""
-    d = model._decoding
-    settings = sys.modules["common"].GenerationSettings(max_new_tokens=A.new_tokens, eos_token_ids=[])
-    eos = torch.tensor([], dtype=torch.long, device=A.device)
-    slot, pos = d.slot - (A.new_tokens - 1), d.pos - (A.new_tokens - 1)
-
-    def one(i):  # step i = 0 .. N - 2
-        if i == 0:
-            d.slot.copy_(slot), d.pos.copy_(pos)
-        step(model.decode_step, d, settings, model.pad_token_id, eos)
-
-    return one
-
-
 def interleaved(steps: dict) -> dict:
-    """The arms' steps in turns of 8, --steps in all per arm, the order rotated every turn (so each arm runs
-    first, in the middle and last equally often): each turn sees the machine in about the state the others'
-    turns saw. A first turn each runs untimed. ms per step: the median of the turns, the total against the old
-    step's total, and the median of the turns' ratios to the old step's turn; graphs compiled meanwhile (0:
-    every arm ran the graph it had)."""
+    """The arms' steps (each a function one(i) that runs step i = 0 .. N - 2: old_stepper, bench.replay) in
+    turns of 8, --steps in all per arm, the order rotated every turn (each arm runs first, in the middle and
+    last equally often): each turn sees the machine in about the state the others' turns saw. A first turn
+    each runs untimed. ms per step: the median of the turns, the total against the old step's total, and the
+    median of the turns' ratios to the old step's turn; graphs compiled meanwhile (0: every arm ran the graph
+    it had)."""
     names, k, N, before = list(steps), 8, A.new_tokens, graphs()
     for one in steps.values():
         for j in range(k):
@@ -452,6 +436,8 @@ def old(common, model, cfg) -> dict:
     turns of 8 (`interleaved`), with a third arm: the new step with static shapes (`static_shapes`)."""
     if not (HERE / "old" / "qwen2_vl.py").is_file():
         return {"skipped": "no .gpu/old: run --prepare where git is, and carry .gpu/old"}
+    import bench
+
     old_model, _ = build(load_old())
     static_model, _ = build(sys.modules["qwen2_vl"])
     fresh(model)
@@ -493,8 +479,8 @@ def old(common, model, cfg) -> dict:
             model.generate(**data, max_new_tokens=N, eos_token_ids=[], compile=True)  # its Decoding for N
             steps = dict(
                 old=old_stepper(old_model, data),
-                new=new_stepper(model, common.compiled_next_token(model)),
-                static=new_stepper(static_model, static_step),
+                new=bench.replay(model, common.compiled_next_token(model), N),
+                static=bench.replay(static_model, static_step, N),
             )
             try:  # NOTE: three CUDA-graph trees in turns are untried on a GPU; a failure keeps the rounds
                 out[f"b{B}"]["steps"] = interleaved(steps)
